@@ -1,0 +1,229 @@
+"""Checkpoints that are complete or ignored, and the manifest that hands a stage's output to the next.
+
+- A training checkpoint directory counts only with its `COMMITTED` marker. PPO writes a checkpoint into a
+  temporary sibling, writes the marker, then renames it into place; Trainer checkpoints (SFT, reward model) get
+  their marker from a callback once the Trainer has finished writing them. Automatic resume skips uncommitted ones.
+- A stage's output directory counts only with `manifest.json`, written last with an atomic rename. A run removes a
+  stale manifest before it writes anything, so a crash never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import redact
+
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+CHECKPOINT_NAME = re.compile(r"^(checkpoint|step)-(\d+)$")
+log = logging.getLogger(__name__)
+
+
+class HandoffError(RuntimeError):
+    """A stage output the next stage must not consume: unfinished, corrupted, or not what it expects."""
+
+
+class ResumeError(RuntimeError):
+    """An explicit resume path that cannot be resumed from."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(redact(json.dumps(payload, indent=2, sort_keys=True, default=str)))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def mark_committed(path: str | Path) -> None:
+    write_json_atomic(Path(path) / COMMIT_MARKER, {"committed_at": time.time()})
+
+
+def is_committed(path: str | Path) -> bool:
+    return (Path(path) / COMMIT_MARKER).is_file()
+
+
+@contextmanager
+def atomic_directory(final: str | Path):
+    """Yield a temporary directory; on success mark it committed and rename it to `final`."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    mark_committed(tmp)
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def committed_checkpoints(directory: str | Path) -> list[Path]:
+    """Committed `checkpoint-N` / `step-N` directories, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if CHECKPOINT_NAME.match(p.name) and is_committed(p)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(2)))
+
+
+def rotate_checkpoints(directory: str | Path, keep_last: int | None) -> None:
+    """Delete old committed checkpoints; called only after the newest one is committed."""
+    if not keep_last:
+        return
+    for old in committed_checkpoints(directory)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(request: str | bool | None, directory: str | Path) -> str | None:
+    """None/False: fresh. "auto"/"last"/True: newest committed checkpoint, or fresh with a warning. A path: it must exist."""
+    if request in (None, False, "", "false", "False", "none"):
+        return None
+    if request in (True, "auto", "last", "true", "True"):
+        found = committed_checkpoints(directory)
+        if not found:
+            log.warning("resume requested but no committed checkpoint in %s: starting fresh", directory)
+            return None
+        return str(found[-1])
+    path = Path(str(request))
+    if not path.is_dir():
+        raise ResumeError(f"resume_from_checkpoint: {path} does not exist")
+    if not is_committed(path):
+        raise ResumeError(
+            f"resume_from_checkpoint: {path} has no {COMMIT_MARKER} marker (an interrupted save)"
+        )
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage manifests
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("rlhf", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "padding_side": tokenizer.padding_side,
+        "vocab_size": len(tokenizer),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    }
+
+
+def begin_stage_output(output_dir: str | Path) -> None:
+    """Invalidate a previous run's manifest before writing anything new into `output_dir`."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / MANIFEST).unlink(missing_ok=True)
+
+
+def model_files(output_dir: str | Path) -> list[str]:
+    """The files the next stage loads (weights, configs, tokenizer): hashed in the manifest."""
+    keep = (".safetensors", ".json", ".jinja", ".txt", ".model")
+    skip = {MANIFEST, "trainer_state.json", COMMIT_MARKER}
+    return sorted(
+        p.name for p in Path(output_dir).iterdir() if p.is_file() and p.suffix in keep and p.name not in skip
+    )
+
+
+def write_manifest(
+    output_dir: str | Path,
+    stage: str,
+    config: dict[str, Any],
+    data: dict[str, str],
+    metrics: dict[str, Any],
+    tokenizer=None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The commit marker of a stage output: written last, atomically, with the hash of every model file."""
+    manifest = {
+        "stage": stage,
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "data": data,
+        "metrics": metrics,
+        "versions": package_versions(),
+        "files": {name: sha256_file(Path(output_dir) / name) for name in model_files(output_dir)},
+        "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        **(extra or {}),
+    }
+    write_json_atomic(Path(output_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(output_dir: str | Path, stage: str | None = None, verify: bool = True) -> dict[str, Any]:
+    """Load a finished stage's manifest, checking it is complete and (by default) that no file changed."""
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        raise HandoffError(
+            f"{output_dir}: no {MANIFEST}; the stage did not finish (or this is not a stage output)"
+        )
+    manifest = json.loads(path.read_text())
+    if not manifest.get("complete"):
+        raise HandoffError(f"{path}: manifest is not marked complete")
+    if stage is not None and manifest.get("stage") != stage:
+        raise HandoffError(f"{path}: expected a {stage!r} stage output, found {manifest.get('stage')!r}")
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            file = Path(output_dir) / name
+            if not file.is_file():
+                raise HandoffError(f"{output_dir}: {name} is missing (listed in {MANIFEST})")
+            if sha256_file(file) != digest:
+                raise HandoffError(f"{output_dir}: {name} does not match its hash in {MANIFEST} (corrupted?)")
+        pickles = [n for n in os.listdir(output_dir) if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+        if pickles and not (Path(output_dir) / "adapter_config.json").exists():
+            raise HandoffError(f"{output_dir}: pickle weight files {pickles} are refused; use safetensors")
+    return manifest
+
+
+def check_tokenizer_matches(manifest: dict[str, Any], tokenizer, where: str) -> None:
+    """Refuse a tokenizer that differs from the one the previous stage trained with."""
+    expected = manifest.get("tokenizer")
+    if not expected:
+        return
+    found = tokenizer_fingerprint(tokenizer)
+    diffs = [
+        f"{k}: expected {expected[k]!r}, found {found[k]!r}" for k in expected if expected[k] != found.get(k)
+    ]
+    if diffs:
+        raise HandoffError(
+            f"{where}: tokenizer differs from the one recorded in its manifest ({'; '.join(diffs)})"
+        )

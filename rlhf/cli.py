@@ -1,0 +1,152 @@
+"""The `rlhf` command.
+
+    rlhf data validate --kind {sft,pairs,prompts} PATH... [--tokenizer PATH]
+    rlhf init-tiny OUTPUT_DIR [--hidden-size N --layers N --vocab-size N --corpus PATH...]
+    rlhf sft --config FILE [--field value ...]
+    rlhf reward --config FILE [...]          rlhf reward score --model PATH --data FILE [--out FILE]
+    rlhf ppo --config FILE [...]
+    rlhf safety classify --config FILE DATA
+    rlhf pipeline --config FILE              rlhf eval ...              rlhf chat PATH
+
+Bad input ends with one line per problem and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from rlhf.config import ConfigError, redact
+
+EXIT_BAD_INPUT = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from rlhf.checkpoint import HandoffError, ResumeError
+    from rlhf.data import DataError
+    from rlhf.models import ModelLoadError
+
+    return (DataError, ConfigError, HandoffError, ResumeError, ModelLoadError)
+
+
+def run_guarded(action: Callable[[], object]) -> int:
+    """Run a command; bad input (data, config, hand-off, resume) prints its message and returns exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        action()
+    except user_errors() as err:
+        print(redact(f"error: {err}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as err:
+        # Config dataclasses validate in __post_init__ and raise ValueError naming the field.
+        if "__post_init__" in _origin(err) or "config" in _origin(err):
+            print(redact(f"error: config: {err}"), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    return 0
+
+
+def _origin(err: BaseException) -> str:
+    tb = err.__traceback__
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name + " " + tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return " ".join(names[-3:])
+
+
+def data_validate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rlhf data validate", description="Check data files before training."
+    )
+    parser.add_argument("--kind", required=True, choices=["sft", "pairs", "prompts"])
+    parser.add_argument("--tokenizer", help="Tokenizer path: adds length percentiles in tokens.")
+    parser.add_argument("paths", nargs="+")
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        from rlhf.data import LOADERS, summarise
+
+        rows, report = LOADERS[args.kind](args.paths)
+        tokenizer = None
+        if args.tokenizer:
+            from rlhf.models import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
+        summary = summarise(args.kind, rows, tokenizer)
+        summary["rows"] = report.rows
+        print(json.dumps(summary, indent=2))
+
+    return run_guarded(action)
+
+
+def init_tiny(argv: list[str]) -> int:
+    from rlhf.models import TinySize
+
+    defaults = TinySize()
+    parser = argparse.ArgumentParser(
+        prog="rlhf init-tiny", description="Write a tiny Llama model and tokenizer."
+    )
+    parser.add_argument("output_dir")
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--layers", type=int, default=defaults.layers)
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument(
+        "--corpus", nargs="*", default=["data/demo"], help="Data files the tokenizer is trained on."
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        from rlhf.models import count_parameters, init_tiny, load_causal_lm
+
+        size = TinySize(args.hidden_size, args.layers, args.heads, args.intermediate_size, args.vocab_size)
+        corpus = [c for c in args.corpus if os.path.exists(c)]
+        init_tiny(args.output_dir, size, corpus, args.seed)
+        params = count_parameters(load_causal_lm(args.output_dir))
+        print(f"wrote {args.output_dir}: Llama, {params / 1e6:.2f}M parameters")
+
+    return run_guarded(action)
+
+
+# command -> (module, function taking argv): stage modules own their parsers.
+COMMANDS = {
+    "sft": ("rlhf.sft", "cli"),
+    "reward": ("rlhf.reward_model", "cli"),
+    "ppo": ("rlhf.ppo", "cli"),
+    "safety": ("rlhf.safety", "cli"),
+    "pipeline": ("rlhf.pipeline", "cli"),
+    "eval": ("rlhf.evaluation", "cli"),
+    "chat": ("rlhf.chat", "cli"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "data":
+        if not rest or rest[0] != "validate":
+            print("usage: rlhf data validate --kind {sft,pairs,prompts} PATH...", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return data_validate(rest[1:])
+    if command == "init-tiny":
+        return init_tiny(rest)
+    if command not in COMMANDS:
+        print(f"rlhf: unknown command {command!r}\n{__doc__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    module, function = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Configs: one dataclass per stage, read from YAML (`yaml.safe_load`) with command-line overrides.
+
+TRL's `TrlParser` does the parsing: ``--config FILE`` sets defaults from YAML, flags override them, and keys that
+no field declares are errors. A run writes its resolved config back next to its checkpoint (`dump_config`), so a
+config file is the whole record of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+# Fields whose values must never reach a log, a config dump or a manifest.
+SECRET_FIELDS = re.compile(r"(token|secret|password|api_key)$", re.IGNORECASE)
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "HF_API_TOKEN")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the file or field."""
+
+
+def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
+    """`--config FILE` plus `--field value` overrides -> a validated `config_cls`."""
+    from trl import TrlParser
+
+    argv = list(argv) if argv is not None else None
+    if argv is not None and "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        _check_yaml(path)
+    parser = TrlParser((config_cls,))
+    try:
+        (config,) = parser.parse_args_and_config(args=argv)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+    return config
+
+
+def _check_yaml(path: str) -> None:
+    """Reject YAML that safe_load refuses (Python tags and the like) with the file named, and non-mappings."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"{mark.line + 1}" if mark else "1"
+        raise ConfigError(f"{path}:{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of config fields, found {type(loaded).__name__}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain, YAML-safe values; secret-looking fields are replaced, never written."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        value = getattr(config, f.name)
+        if SECRET_FIELDS.search(f.name) and value not in (None, ""):
+            value = "<redacted>"
+        out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "value") and isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return type(value)(value) if value is not None else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def redact(text: str) -> str:
+    """Remove the values of known secret environment variables from a string."""
+    for name in SECRET_ENV:
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
+def dump_config(config: Any, path: str) -> None:
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=True)
+    with open(path, "w") as handle:
+        handle.write(redact(text))

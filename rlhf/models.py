@@ -1,0 +1,236 @@
+"""Loading policy, reference, reward and value models; building the tiny models tests and the demo run on.
+
+Every model comes through `from_pretrained` with safetensors only and `trust_remote_code` off unless the config
+asks for it, from a hub name or a local path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.data import DEFAULT_CHAT_TEMPLATE, expand_sources, read_records
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that must not be loaded as asked (custom code, pickle weights, missing files)."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+def check_model_dir(path: str, trust_remote_code: bool) -> None:
+    """Refuse local directories with custom code (unless trusted) or with only pickle weights."""
+    if not os.path.isdir(path):
+        return
+    config_file = Path(path) / "config.json"
+    if config_file.exists() and "auto_map" in json.loads(config_file.read_text()) and not trust_remote_code:
+        raise ModelLoadError(
+            f"{path}: config.json has 'auto_map' (custom code); set trust_remote_code: true to run it"
+        )
+    names = os.listdir(path)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    if has_pickle and not has_safetensors and not (Path(path) / "adapter_config.json").exists():
+        raise ModelLoadError(f"{path}: only pickle weights (.bin/.pt); convert them to safetensors")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    check_model_dir(path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # pad == eos hides the real EOS from masks and from the reward model's last-token lookup.
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _resize_for(model: nn.Module, tokenizer) -> None:
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(
+    path: str,
+    tokenizer=None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    lora: LoraSettings | None = None,
+) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    _resize_for(model, tokenizer)
+    return apply_lora(model, lora, task_type="CAUSAL_LM") if lora else model
+
+
+def load_scalar_model(
+    path: str,
+    tokenizer=None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    lora: LoraSettings | None = None,
+) -> nn.Module:
+    """A one-label `AutoModelForSequenceClassification` (reward or value model); a causal-LM checkpoint gets a fresh head."""
+    from transformers import AutoModelForSequenceClassification
+
+    check_model_dir(path, trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    _resize_for(model, tokenizer)
+    if lora:
+        # Without the score head in modules_to_save a LoRA reward model reloads with a random head (trl#1379).
+        model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score", "classifier"])
+    return model
+
+
+def apply_lora(
+    model: nn.Module, lora: LoraSettings, task_type: str, modules_to_save: list[str] | None = None
+):
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+        modules_to_save=[m for m in (modules_to_save or []) if m in names] or None,
+    )
+    return get_peft_model(model, config)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout makes the first PPO ratio differ from 1 and the initial KL from 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in (
+        "attention_dropout",
+        "hidden_dropout",
+        "dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+    ):
+        if config is not None and hasattr(config, name):
+            setattr(config, name, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny models
+
+
+@dataclass
+class TinySize:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 352
+    vocab_size: int = 1024
+    max_positions: int = 512
+
+
+def corpus_texts(sources: list[str]) -> list[str]:
+    """Every string value in the given data files, to train the tiny tokenizer on."""
+    texts: list[str] = []
+
+    def collect(value) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    for path in expand_sources(sources):
+        for record in read_records(path, problems=[]):
+            collect(record.row)
+    return texts
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained locally, with a chat template and distinct pad and EOS tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts or ["hello world"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", eos_token="<|end|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": TINY_SPECIAL_TOKENS[2:]})
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.model_max_length = 4096
+    return tokenizer
+
+
+def init_tiny(
+    output_dir: str, size: TinySize | None = None, corpus: list[str] | None = None, seed: int = 0
+) -> str:
+    """Write a randomly initialised Llama-architecture causal LM and its tokenizer with `save_pretrained`."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    size = size or TinySize()
+    tokenizer = build_tiny_tokenizer(corpus_texts(corpus or []), size.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=size.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

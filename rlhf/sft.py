@@ -1,0 +1,144 @@
+"""Stage 1: supervised fine-tuning on demonstrations, with TRL's `SFTTrainer` used as is.
+
+    accelerate launch -m rlhf.sft --config configs/tiny/sft.yaml --learning_rate 3e-4
+
+We tokenise through the data module (assistant-only labels computed from the chat template, never silently
+empty) and hand TRL a pre-tokenised dataset, so SFT, the reward model and PPO see identical prompt text.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from rlhf.config import parse_config
+from rlhf.data import Report, content_hash, load_demonstrations, tokenize_demonstrations
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.trainer_stage import (
+    CommitMarkerCallback,
+    ModelFields,
+    StageRun,
+    finish_output,
+    perplexity,
+    split_eval,
+    start_output,
+    train_with_resume,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTStageConfig(ModelFields, SFTConfig):
+    """SFT stage: TRL's `SFTConfig` (every TrainingArguments field) plus our model/data fields."""
+
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Train only on assistant turns (default); false trains on every token."},
+    )
+    on_empty_mask: str = field(
+        default="error",
+        metadata={"help": "Examples with no trainable token: 'error' (default) or 'drop' (counted)."},
+    )
+    merge_lora: bool = field(default=True, metadata={"help": "Save a LoRA run as a merged full model."})
+    max_length: int | None = field(default=512, metadata={"help": "Tokens per example; see `overflow`."})
+
+    def __post_init__(self):
+        self.default_precision()
+        super().__post_init__()
+        self.check_model_fields()
+        if self.on_empty_mask not in ("error", "drop"):
+            raise ValueError(f"on_empty_mask: expected 'error' or 'drop', found {self.on_empty_mask!r}")
+
+
+def load_data(config: SFTStageConfig):
+    """Validate every source before any model loads; raises DataError with PATH:LINE problems."""
+    train_rows, report = load_demonstrations(config.train_data)
+    if config.eval_data:
+        eval_rows, _ = load_demonstrations(config.eval_data)
+    else:
+        train_rows, eval_rows = split_eval(
+            train_rows, config.eval_fraction, config.seed, key=lambda r: r["source"]
+        )
+    return train_rows, eval_rows, report
+
+
+def tokenize(config: SFTStageConfig, tokenizer, rows, report: Report) -> Dataset:
+    if config.assistant_only_loss:
+        encoded = tokenize_demonstrations(
+            tokenizer, rows, config.max_length, config.overflow, config.on_empty_mask, report
+        )
+    else:
+        encoded = []
+        for row in rows:
+            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            if config.max_length and len(ids) > config.max_length:
+                if config.overflow == "drop":
+                    report.drop("over max_length")
+                    continue
+                ids, report.truncated = ids[: config.max_length], report.truncated + 1
+            encoded.append({"input_ids": ids, "labels": list(ids)})
+    return Dataset.from_list(encoded)
+
+
+def main(config: SFTStageConfig) -> dict:
+    train_rows, eval_rows, report = load_data(config)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    train_set = tokenize(config, tokenizer, train_rows, report)
+    eval_report = Report()
+    eval_set = tokenize(config, tokenizer, eval_rows, eval_report)
+    log.warning("SFT data: train %s; eval %s", report.summary(), eval_report.summary())
+
+    start_output(config)
+    run = StageRun("sft", config)
+    model = load_causal_lm(
+        config.model_name_or_path, tokenizer, config.dtype, config.trust_remote_code, config.lora_settings()
+    )
+    # Our labels already hold the assistant-only mask; TRL's own flag expects raw conversations.
+    trainer_args = copy.copy(config)
+    trainer_args.assistant_only_loss = False
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=[CommitMarkerCallback()],
+    )
+    before = trainer.evaluate()["eval_loss"]
+    train_metrics = train_with_resume(trainer, config)
+    after = trainer.evaluate()["eval_loss"]
+    run.metrics.update(
+        eval_loss_before=before,
+        eval_loss=after,
+        perplexity_before=perplexity(before),
+        perplexity=perplexity(after),
+        train_loss=train_metrics.get("train_loss"),
+        train_examples=len(train_set),
+        eval_examples=len(eval_set),
+        dropped=report.drops,
+        truncated=report.truncated,
+    )
+    finish_output(trainer, run, tokenizer, {**_hashes(config)}, merge_lora=config.merge_lora)
+    log.warning("SFT done: eval loss %.4f -> %.4f", before, after)
+    return run.metrics
+
+
+def _hashes(config: SFTStageConfig) -> dict[str, str]:
+    return {**content_hash(config.train_data), **content_hash(config.eval_data)}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from rlhf.cli import run_guarded
+
+    return run_guarded(lambda: main(parse_config(SFTStageConfig, argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -1,0 +1,165 @@
+"""What the two Trainer-based stages (SFT, reward model) share: commit markers, resume, final save, manifest.
+
+TRL's trainers run the training loop as a black box; this module only wraps it with our checkpoint contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainerCallback
+
+from rlhf.checkpoint import (
+    begin_stage_output,
+    mark_committed,
+    resolve_resume,
+    write_manifest,
+)
+from rlhf.config import config_to_dict, dump_config
+from rlhf.models import LoraSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelFields:
+    """Model and data fields shared by the SFT and reward-model configs (mixed into each)."""
+
+    model_name_or_path: str = field(
+        default="", metadata={"help": "Hub name or local path of the starting model."}
+    )
+    train_data: list[str] = field(
+        default_factory=list, metadata={"help": "Training files, directories or hub names."}
+    )
+    eval_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation sources; empty = hold out `eval_fraction` of train_data."},
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of training rows held out when eval_data is empty."}
+    )
+    overflow: str = field(
+        default="truncate", metadata={"help": "Over-length examples: 'truncate' or 'drop' (counted)."}
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."}
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts ('all-linear' for every linear)."},
+    )
+
+    def lora_settings(self) -> LoraSettings | None:
+        if not self.use_lora:
+            return None
+        targets = self.lora_target_modules
+        return LoraSettings(
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+            targets[0] if targets == ["all-linear"] else targets,
+        )
+
+    def default_precision(self) -> None:
+        """bf16 mixed precision where a GPU supports it; fp32 on CPU, where bf16 autocast is slow (TRL defaults to bf16)."""
+        if getattr(self, "bf16", None) is None:
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+    def check_model_fields(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path: required")
+        if not self.train_data:
+            raise ValueError("train_data: at least one source is required")
+        if self.overflow not in ("truncate", "drop"):
+            raise ValueError(f"overflow: expected 'truncate' or 'drop', found {self.overflow!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction: expected a value in [0, 1), found {self.eval_fraction}")
+
+
+def split_eval(
+    rows: list[Any], fraction: float, seed: int, key=lambda row: row
+) -> tuple[list[Any], list[Any]]:
+    """Hold out a deterministic share of rows; rows with the same key (e.g. a ranking group) stay together."""
+    keys = sorted({key(row) for row in rows}, key=str)
+    random.Random(seed).shuffle(keys)
+    held = set(keys[: max(1, int(len(keys) * fraction))]) if fraction > 0 else set()
+    return [r for r in rows if key(r) not in held], [r for r in rows if key(r) in held]
+
+
+class CommitMarkerCallback(TrainerCallback):
+    """Marks each Trainer checkpoint committed once the Trainer has finished writing it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            mark_committed(f"{args.output_dir}/checkpoint-{state.global_step}")
+
+
+def perplexity(loss: float | None) -> float | None:
+    return math.exp(min(loss, 50.0)) if loss is not None else None
+
+
+@dataclass
+class StageRun:
+    """Bookkeeping for one stage run: timings and metrics written into the manifest."""
+
+    stage: str
+    config: Any
+    started: float = field(default_factory=time.time)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def start_output(config) -> None:
+    begin_stage_output(config.output_dir)
+    # transformers 5 reads the TensorBoard directory from the environment; keep the logs with the run.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(config.output_dir, "runs")
+    dump_config(config, f"{config.output_dir}/config.yaml")
+
+
+def train_with_resume(trainer, config) -> dict[str, Any]:
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    return dict(result.metrics)
+
+
+def finish_output(
+    trainer, run: StageRun, tokenizer, data_hashes: dict[str, str], merge_lora: bool = True
+) -> None:
+    """Save the final model (merged adapter by default) and tokenizer, then the manifest, on the main process."""
+    config = run.config
+    trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload") and merge_lora:
+        state_dict = None
+        model = model.merge_and_unload()
+    else:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_deepspeed_enabled:
+        # ZeRO-3 shards parameters: gather them so the saved model reloads as an ordinary HF model.
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if trainer.accelerator.is_main_process:
+        model.save_pretrained(config.output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(config.output_dir)
+        run.metrics["wall_seconds"] = round(time.time() - run.started, 2)
+        write_manifest(
+            config.output_dir,
+            stage=run.stage,
+            config=config_to_dict(config),
+            data=data_hashes,
+            metrics=run.metrics,
+            tokenizer=tokenizer,
+        )
+    trainer.accelerator.wait_for_everyone()

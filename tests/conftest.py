@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny model built locally once per session, loaded back through from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def arithmetic_dialogues(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"{a} + {b} = {a + b}."},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from rlhf.models import TinySize, init_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = write_jsonl(root / "corpus.jsonl", arithmetic_dialogues(200))
+    size = TinySize(hidden_size=64, layers=2, heads=2, intermediate_size=128, vocab_size=400)
+    return init_tiny(str(root / "model"), size, [str(corpus)])
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from rlhf.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)

@@ -1,0 +1,79 @@
+"""Checkpoints are complete or ignored; manifests refuse changed, missing or mismatched hand-offs."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.checkpoint import (
+    HandoffError,
+    ResumeError,
+    atomic_directory,
+    check_tokenizer_matches,
+    committed_checkpoints,
+    read_manifest,
+    resolve_resume,
+    rotate_checkpoints,
+    write_manifest,
+)
+
+
+def test_atomic_directory_commits_only_on_success(tmp_path):
+    with atomic_directory(tmp_path / "step-1") as tmp:
+        (tmp / "weights").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "step-2") as tmp:
+            (tmp / "weights").write_text("partial")
+            raise RuntimeError("crash mid-save")
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-1"]
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "step-1")
+
+
+def test_rotation_keeps_the_newest_committed(tmp_path):
+    for step in (1, 2, 3):
+        with atomic_directory(tmp_path / f"step-{step}") as tmp:
+            (tmp / "w").write_text(str(step))
+    rotate_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-2", "step-3"]
+
+
+def test_resume_paths(tmp_path, caplog):
+    with pytest.raises(ResumeError, match="does not exist"):
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
+    (tmp_path / "step-5").mkdir()
+    with pytest.raises(ResumeError, match="COMMITTED"):
+        resolve_resume(str(tmp_path / "step-5"), tmp_path)
+    assert resolve_resume("auto", tmp_path) is None
+    assert "starting fresh" in caplog.text
+    assert resolve_resume(None, tmp_path) is None
+
+
+def test_manifest_detects_corruption_and_missing_files(tmp_path, tiny_tokenizer):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").write_text("{}")
+    write_manifest(tmp_path, "sft", {"a": 1}, {}, {"loss": 1.0}, tiny_tokenizer)
+    assert read_manifest(tmp_path, "sft")["metrics"] == {"loss": 1.0}
+    with pytest.raises(HandoffError, match="expected a 'reward' stage"):
+        read_manifest(tmp_path, "reward")
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(HandoffError, match="model.safetensors does not match"):
+        read_manifest(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(HandoffError, match="model.safetensors is missing"):
+        read_manifest(tmp_path)
+
+
+def test_unfinished_stage_output_is_refused(tmp_path):
+    with pytest.raises(HandoffError, match="did not finish"):
+        read_manifest(tmp_path)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, tiny_tokenizer):
+    (tmp_path / "config.json").write_text("{}")
+    manifest = write_manifest(tmp_path, "sft", {}, {}, {}, tiny_tokenizer)
+    check_tokenizer_matches(manifest, tiny_tokenizer, "sft")
+    tiny_tokenizer.padding_side = "left"
+    try:
+        with pytest.raises(HandoffError, match="padding_side: expected 'right', found 'left'"):
+            check_tokenizer_matches(manifest, tiny_tokenizer, "sft")
+    finally:
+        tiny_tokenizer.padding_side = "right"

@@ -1,0 +1,307 @@
+"""The data module: every input format normalised, every validation error with its line, loss masks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, write_jsonl
+
+from rlhf import data
+from rlhf.data import DataError, load_demonstrations, load_preferences, load_prompts
+
+USER, ASSISTANT = "user", "assistant"
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+# ---------------------------------------------------------------- demonstrations
+
+
+def test_demonstration_formats_normalise_to_messages(tmp_path):
+    rows = [
+        {"messages": [msg("system", "Be brief."), msg(USER, "Hi"), msg(ASSISTANT, "Hello.")]},
+        {"prompt": "Capital of Oslandia?", "completion": "Veltra."},
+        {"prompt": [msg(USER, "Two plus two?")], "completion": [msg(ASSISTANT, "Four.")]},
+        {"instruction": "Translate to French", "input": "cat", "output": "chat"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"text": "\n\nHuman: How are you?\n\nAssistant: Fine.\n\nHuman: Sure?\n\nAssistant: Yes."},
+    ]
+    loaded, report = load_demonstrations(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert report.rows == 6 and report.kept == 6
+    assert loaded[1]["messages"] == [msg(USER, "Capital of Oslandia?"), msg(ASSISTANT, "Veltra.")]
+    assert loaded[3]["messages"][0]["content"] == "Translate to French\n\ncat"
+    assert loaded[4]["messages"][0]["content"] == "Say hi"
+    assert [m["role"] for m in loaded[5]["messages"]] == [USER, ASSISTANT, USER, ASSISTANT]
+    assert loaded[5]["messages"][3]["content"] == "Yes."
+    assert loaded[0]["source"].endswith("d.jsonl:1")
+
+
+def test_json_csv_parquet_and_directories(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.json").write_text(
+        json.dumps([{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}], indent=2)
+    )
+    (folder / "b.csv").write_text("prompt,completion\np3,c3\np4,c4\n")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p5", "completion": "c5"}]), folder / "c.parquet")
+    loaded, report = load_demonstrations(str(folder))
+    assert [r["messages"][0]["content"] for r in loaded] == ["p1", "p2", "p3", "p4", "p5"]
+    assert loaded[1]["source"].endswith("a.json:6")  # the second object starts on line 6 of the indented file
+    assert loaded[3]["source"].endswith("b.csv:3")
+
+
+# ---------------------------------------------------------------- validation errors
+
+
+BAD_CASES = [
+    (
+        "sft",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
+        2,
+        "malformed JSON",
+    ),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}]}\n', 1, "no assistant turn"),
+    (
+        "sft",
+        '{"messages": [{"role": "robot", "content": "hi"}]}\n',
+        1,
+        "role: expected one of system/user/assistant, found 'robot'",
+    ),
+    ("sft", '{"messages": [{"role": "user", "content": 5}]}\n', 1, "content: expected a string, found int"),
+    (
+        "sft",
+        '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}\n',
+        1,
+        "empty content",
+    ),
+    ("sft", '{"foo": 1}\n', 1, "messages: missing required field"),
+    ("pairs", '{"prompt": "q", "chosen": "a"}\n', 1, "rejected: missing required field"),
+    ("pairs", '{"prompt": "q", "chosen": "a", "rejected": "a"}\n', 1, "chosen: identical to rejected"),
+    (
+        "pairs",
+        '{"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 3, 1]}\n',
+        1,
+        "ranking: index 3 out of range",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}\n',
+        1,
+        "ranking: expected a permutation",
+    ),
+    ("prompts", '{"prompt": "   "}\n', 1, "prompt: blank text"),
+    ("prompts", '{"category": "allowed"}\n', 1, "prompt: missing required field"),
+]
+
+
+@pytest.mark.parametrize("kind,content,line,message", BAD_CASES)
+def test_each_problem_is_reported_with_path_and_line(tmp_path, kind, content, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as caught:
+        data.LOADERS[kind](str(path))
+    first = str(caught.value.problems[0])
+    assert first.startswith(f"{path}:{line}: "), first
+    assert message in first
+
+
+def test_non_utf8_and_empty_files(tmp_path):
+    bad = tmp_path / "bytes.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError) as caught:
+        load_prompts([str(bad), str(empty)])
+    messages = [str(p) for p in caught.value.problems]
+    assert messages[0].startswith(f"{bad}:2: not valid UTF-8")
+    assert messages[1] == f"{empty}:1: empty file (no records)"
+
+
+def test_all_problems_are_collected_in_one_pass(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": ""}, {"x": 1}, {"prompt": "fine"}])
+    with pytest.raises(DataError) as caught:
+        load_prompts(str(path))
+    assert [p.line for p in caught.value.problems] == [2, 3]
+
+
+def test_validate_command_exits_2_with_path_line_and_no_traceback(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "data", "validate", "--kind", "pairs", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert f"{path}:2: malformed JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_command_summarises_good_data(tmp_path, tiny_model_dir):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "category": "allowed"}] * 3)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf.cli",
+            "data",
+            "validate",
+            "--kind",
+            "prompts",
+            "--tokenizer",
+            tiny_model_dir,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["examples"] == 3 and summary["categories"] == {"allowed": 3}
+    assert summary["tokens"]["max"] > 5
+
+
+# ---------------------------------------------------------------- preferences
+
+
+def test_explicit_pairs_with_margin(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 1.5}]
+    )
+    (pair,), _ = load_preferences(str(path))
+    assert pair["prompt"] == [msg(USER, "q")]
+    assert pair["chosen"] == [msg(ASSISTANT, "good")] and pair["rejected"] == [msg(ASSISTANT, "bad")]
+    assert pair["margin"] == 1.5
+
+
+def test_k_way_ranking_expands_to_all_pairs_with_group_ids(tmp_path):
+    rows = [
+        {"prompt": "q1", "responses": ["r0", "r1", "r2", "r3"], "ranking": [2, 0, 3, 1]},
+        {"prompt": "q2", "responses": ["best", "worst"]},
+        {"prompt": "q3", "responses": ["a", "b", "c"]},
+    ]
+    pairs, report = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", rows)))
+    assert len(pairs) == 6 + 1 + 3 and report.rows == 3
+    assert [p["group"] for p in pairs] == [0] * 6 + [1] + [2] * 3
+    first = {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs if p["group"] == 0}
+    assert first == {("r2", "r0"), ("r2", "r3"), ("r2", "r1"), ("r0", "r3"), ("r0", "r1"), ("r3", "r1")}
+    assert (pairs[6]["chosen"][0]["content"], pairs[6]["rejected"][0]["content"]) == ("best", "worst")
+
+
+def test_hh_rlhf_implicit_prompt_pairs_split_at_the_turn(tmp_path):
+    shared = "\n\nHuman: What is 2+2?\n\nAssistant: Let me think.\n\nHuman: Well?"
+    rows = [
+        {
+            "chosen": shared + "\n\nAssistant: The answer is 4.",
+            "rejected": shared + "\n\nAssistant: The answer is 5.",
+        },
+        {
+            "chosen": [msg(USER, "hi"), msg(ASSISTANT, "hello")],
+            "rejected": [msg(USER, "hi"), msg(ASSISTANT, "go away")],
+        },
+    ]
+    pairs, _ = load_preferences(str(write_jsonl(tmp_path / "hh.jsonl", rows)))
+    # Diverging mid-turn ("The answer is 4" vs "5") must not cut the prompt inside the assistant turn.
+    assert pairs[0]["prompt"] == [
+        msg(USER, "What is 2+2?"),
+        msg(ASSISTANT, "Let me think."),
+        msg(USER, "Well?"),
+    ]
+    assert pairs[0]["chosen"] == [msg(ASSISTANT, "The answer is 4.")]
+    assert pairs[0]["rejected"] == [msg(ASSISTANT, "The answer is 5.")]
+    assert pairs[1]["prompt"] == [msg(USER, "hi")] and pairs[1]["rejected"] == [msg(ASSISTANT, "go away")]
+
+
+def test_implicit_pairs_diverging_at_a_user_turn_are_rejected(tmp_path):
+    row = {
+        "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+        "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: X\n\nAssistant: d",
+    }
+    with pytest.raises(DataError, match="do not diverge at an assistant turn"):
+        load_preferences(str(write_jsonl(tmp_path / "hh.jsonl", [row])))
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_prompts_keep_category_and_extra_columns(tmp_path):
+    rows = [
+        {"prompt": "How do I bake bread?", "category": "allowed", "task": "howto"},
+        {"messages": [msg("system", "s"), msg(USER, "Dose of ibuprofen?")], "category": "sensitive"},
+    ]
+    loaded, _ = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    assert loaded[0]["prompt"] == [msg(USER, "How do I bake bread?")] and loaded[0]["task"] == "howto"
+    assert loaded[1]["category"] == "sensitive" and loaded[1]["prompt"][0]["role"] == "system"
+
+
+def test_prompt_must_end_on_a_user_turn(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"messages": [msg(USER, "a"), msg(ASSISTANT, "b")]}])
+    with pytest.raises(DataError, match="end on a user turn"):
+        load_prompts(str(path))
+
+
+# ---------------------------------------------------------------- masks and formatting
+
+
+def test_assistant_only_labels_cover_each_assistant_turn_and_its_eos(tiny_tokenizer):
+    messages = [
+        msg("system", "Be brief."),
+        msg(USER, "Hi"),
+        msg(ASSISTANT, "Hello."),
+        msg(USER, "And?"),
+        msg(ASSISTANT, "Bye."),
+    ]
+    encoded, reason = data.tokenize_demonstration(tiny_tokenizer, messages, None, "truncate")
+    assert reason is None
+    trained = [i for i, label in enumerate(encoded["labels"]) if label != -100]
+    text = tiny_tokenizer.decode([encoded["input_ids"][i] for i in trained])
+    eos = tiny_tokenizer.eos_token
+    assert text == f"Hello.{eos}Bye.{eos}"
+    # the user turns and role headers are never trained on
+    assert all(encoded["labels"][i] == -100 for i in range(trained[0]))
+
+
+def test_empty_mask_is_an_error_or_a_counted_drop(tiny_tokenizer):
+    long_prompt = [msg(USER, "word " * 200), msg(ASSISTANT, "ok")]
+    rows = [{"messages": long_prompt, "source": "f.jsonl:7"}]
+    with pytest.raises(DataError, match="f.jsonl:7: messages: no trainable"):
+        data.tokenize_demonstrations(tiny_tokenizer, rows, 32, "truncate", "error", data.Report())
+    report = data.Report()
+    assert data.tokenize_demonstrations(tiny_tokenizer, rows, 32, "truncate", "drop", report) == []
+    assert report.drops == {"no trainable (assistant) tokens": 1}
+
+
+def test_over_length_is_truncated_or_dropped_and_counted(tiny_tokenizer):
+    rows = [{"messages": [msg(USER, "hi"), msg(ASSISTANT, "long answer " * 50)], "source": "f:1"}]
+    report = data.Report()
+    (kept,) = data.tokenize_demonstrations(tiny_tokenizer, rows, 40, "truncate", "error", report)
+    assert len(kept["input_ids"]) == 40 and report.truncated == 1
+    report = data.Report()
+    assert data.tokenize_demonstrations(tiny_tokenizer, rows, 40, "drop", "error", report) == []
+    assert report.drops == {"over max_length": 1}
+
+
+def test_one_prompt_format_for_every_stage(tiny_tokenizer):
+    prompt = [msg(USER, "What is 3 + 4?")]
+    rendered = data.render_prompt(tiny_tokenizer, prompt)
+    full = data.render_conversation(tiny_tokenizer, prompt + [msg(ASSISTANT, "7")])
+    assert full.startswith(rendered) and rendered.endswith("<|assistant|>\n")
+
+
+def test_tokenizer_without_template_gets_the_default(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None
+    data.ensure_chat_template(tokenizer)
+    assert "<|user|>" in data.render_prompt(tokenizer, [msg(USER, "x")])

@@ -1,0 +1,99 @@
+"""Tiny-model factory and the model loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from rlhf.models import ModelLoadError, check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
+
+
+def test_tiny_model_round_trip_through_from_pretrained(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert model.config.model_type == "llama"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.chat_template and "generation" in tokenizer.chat_template
+    ids = tokenizer("What is 3 + 4?", return_tensors="pt")["input_ids"]
+    assert tokenizer.decode(ids[0]) == "What is 3 + 4?"
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_init_tiny_command_writes_a_loadable_model(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"prompt": "hello there", "completion": "general kenobi"}\n')
+    out = tmp_path / "m"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf.cli",
+            "init-tiny",
+            str(out),
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--intermediate-size",
+            "64",
+            "--vocab-size",
+            "300",
+            "--corpus",
+            str(corpus),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_scalar_model_from_a_causal_checkpoint_has_one_label(tiny_model_dir, tiny_tokenizer):
+    model = load_scalar_model(tiny_model_dir, tiny_tokenizer)
+    ids = tiny_tokenizer(["a b", "c"], padding=True, return_tensors="pt")
+    assert model(**ids).logits.shape == (2, 1)
+    assert model.config.pad_token_id == tiny_tokenizer.pad_token_id
+
+
+def test_custom_code_is_refused_unless_trusted(tmp_path, tiny_model_dir):
+    import shutil
+
+    target = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="auto_map"):
+        load_causal_lm(str(target))
+    check_model_dir(str(target), trust_remote_code=True)  # allowed when asked for
+
+
+def test_pickle_only_weights_are_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    target = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, target)
+    (target / "model.safetensors").rename(target / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_tokenizer(str(target))
+
+
+def test_lora_policy_trains_only_adapters(tiny_model_dir, tiny_tokenizer):
+    from rlhf.models import LoraSettings
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer, lora=LoraSettings(r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)

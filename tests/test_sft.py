@@ -1,0 +1,91 @@
+"""The SFT stage on a tiny model: loss falls, the checkpoint reloads, resume continues exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import arithmetic_dialogues, write_jsonl
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import parse_config
+from rlhf.sft import SFTStageConfig, main
+
+
+def sft_config(tmp_path, model_dir, **overrides) -> SFTStageConfig:
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_dialogues(96, seed=1))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", arithmetic_dialogues(24, seed=2))
+    args = {
+        "model_name_or_path": model_dir,
+        "train_data": str(train),
+        "eval_data": str(evaluation),
+        "output_dir": str(tmp_path / "sft"),
+        "max_steps": "12",
+        "per_device_train_batch_size": "16",
+        "learning_rate": "3e-3",
+        "save_steps": "6",
+        "save_strategy": "steps",
+        "logging_steps": "4",
+        "report_to": "none",
+        "use_cpu": "true",
+        "seed": "0",
+        "lr_scheduler_type": "linear",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    argv = [item for key, value in args.items() for item in (f"--{key}", value)]
+    return parse_config(SFTStageConfig, argv)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+def test_sft_lowers_eval_loss_and_writes_a_reloadable_checkpoint(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    config = sft_config(tmp_path, tiny_model_dir)
+    metrics = main(config)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5
+    manifest = read_manifest(config.output_dir, "sft")
+    assert manifest["metrics"]["eval_loss"] == metrics["eval_loss"]
+    assert manifest["tokenizer"]["pad_token_id"] != manifest["tokenizer"]["eos_token_id"]
+    assert any(name.endswith("train.jsonl") for name in manifest["data"])
+    model = AutoModelForCausalLM.from_pretrained(config.output_dir)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters(), strict=True))
+    assert changed
+    assert (tmp_path / "sft" / "config.yaml").exists()
+    assert (tmp_path / "sft" / "checkpoint-6" / "COMMITTED").exists()
+
+
+def test_sft_resume_from_an_interrupted_run_matches_the_uninterrupted_one(tmp_path, tiny_model_dir):
+    full = sft_config(tmp_path / "a", tiny_model_dir) if (tmp_path / "a").mkdir() is None else None
+    main(full)
+    # The interrupted run: its state as it was at step 6 (later checkpoint and final output gone).
+    interrupted = tmp_path / "b"
+    (interrupted).mkdir()
+    shutil.copytree(full.output_dir, interrupted / "sft")
+    shutil.rmtree(interrupted / "sft" / "checkpoint-12")
+    for name in ("manifest.json", "model.safetensors"):
+        (interrupted / "sft" / name).unlink()
+    resumed = sft_config(interrupted, tiny_model_dir, resume_from_checkpoint="auto")
+    main(resumed)
+    a, b = weights(full.output_dir), weights(resumed.output_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_sft_refuses_bad_data_before_loading_a_model(tmp_path, monkeypatch):
+    import rlhf.sft as sft
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    config = sft_config(tmp_path, "does-not-exist", train_data=str(bad))
+    monkeypatch.setattr(sft, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before validation"))
+    from rlhf.data import DataError
+
+    with pytest.raises(DataError, match=f"{bad}:1: messages: conversation has no assistant turn"):
+        main(config)
