@@ -72,6 +72,30 @@ def _resize_for(model: nn.Module, tokenizer) -> None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_remote_code: bool, **kwargs):
+    """One loading path for every model kind; a LoRA adapter directory loads its base, then the adapter."""
+    import transformers
+
+    check_model_dir(path, trust_remote_code)
+    options = {
+        "dtype": DTYPES[dtype],
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+        **kwargs,
+    }
+    adapter_config = Path(path) / "adapter_config.json"
+    base = (
+        json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
+    )
+    model = getattr(transformers, auto_class).from_pretrained(base, **options)
+    _resize_for(model, tokenizer)
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    return model
+
+
 def load_causal_lm(
     path: str,
     tokenizer=None,
@@ -79,13 +103,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     lora: LoraSettings | None = None,
 ) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    check_model_dir(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
-    )
-    _resize_for(model, tokenizer)
+    model = _from_pretrained("AutoModelForCausalLM", path, tokenizer, dtype, trust_remote_code)
     return apply_lora(model, lora, task_type="CAUSAL_LM") if lora else model
 
 
@@ -97,13 +115,9 @@ def load_scalar_model(
     lora: LoraSettings | None = None,
 ) -> nn.Module:
     """A one-label `AutoModelForSequenceClassification` (reward or value model); a causal-LM checkpoint gets a fresh head."""
-    from transformers import AutoModelForSequenceClassification
-
-    check_model_dir(path, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+    model = _from_pretrained(
+        "AutoModelForSequenceClassification", path, tokenizer, dtype, trust_remote_code, num_labels=1
     )
-    _resize_for(model, tokenizer)
     if lora:
         # Without the score head in modules_to_save a LoRA reward model reloads with a random head (trl#1379).
         model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score", "classifier"])
