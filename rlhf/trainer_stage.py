@@ -136,7 +136,12 @@ def train_with_resume(trainer, config) -> dict[str, Any]:
 
 
 def finish_output(
-    trainer, run: StageRun, tokenizer, data_hashes: dict[str, str], merge_lora: bool = True
+    trainer,
+    run: StageRun,
+    tokenizer,
+    data_hashes: dict[str, str],
+    merge_lora: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Save the final model (merged adapter by default) and tokenizer, then the manifest, on the main process."""
     config = run.config
@@ -161,5 +166,6 @@ def finish_output(
             data=data_hashes,
             metrics=run.metrics,
             tokenizer=tokenizer,
+            extra=extra,
         )
     trainer.accelerator.wait_for_everyone()

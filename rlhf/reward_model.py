@@ -1,0 +1,324 @@
+"""Stage 2: a scalar reward model from ranked comparisons, on TRL's `RewardTrainer`.
+
+    accelerate launch -m rlhf.reward_model --config configs/tiny/reward.yaml
+    rlhf reward score --model PATH --data FILE [--out FILE]
+
+K-way rankings follow InstructGPT: the K(K-1)/2 pairs of one prompt count as one unit. We weight each pair by
+1 / (pairs in its group) and take the weighted mean over a batch, so a prompt with nine ranked answers (36 pairs)
+does not outweigh one with two. Only the loss changes (`GroupWeightedRewardTrainer.compute_loss`); TRL runs the
+loop. After training, the mean and standard deviation of scores on a reference set (default: the chosen answers
+of the training data) are stored in the manifest, and every consumer normalises with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import parse_config
+from rlhf.data import Report, content_hash, load_preferences, load_prompts
+from rlhf.losses import bradley_terry_loss
+from rlhf.models import load_scalar_model, load_tokenizer
+from rlhf.rewards import Normalizer, RewardModelScorer, encode_for_scoring, reward_text, score_ids
+from rlhf.trainer_stage import (
+    CommitMarkerCallback,
+    ModelFields,
+    StageRun,
+    finish_output,
+    split_eval,
+    start_output,
+    train_with_resume,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardStageConfig(ModelFields, RewardConfig):
+    """Reward-model stage: TRL's `RewardConfig` plus our model/data fields."""
+
+    group_weighting: bool = field(
+        default=True,
+        metadata={"help": "Weight each pair 1/(pairs of its prompt) so every prompt counts once."},
+    )
+    normalize_reference: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompt/response file scored for the normalisation statistics; empty = chosen answers of train_data."
+        },
+    )
+    merge_lora: bool = field(
+        default=True, metadata={"help": "Save a LoRA run as a merged model (else adapter + head)."}
+    )
+    max_length: int | None = field(
+        default=512, metadata={"help": "Tokens per answer with its prompt; see `overflow`."}
+    )
+    score_batch_size: int = field(
+        default=32, metadata={"help": "Batch size when scoring for metrics and statistics."}
+    )
+
+    def __post_init__(self):
+        self.default_precision()
+        super().__post_init__()
+        self.check_model_fields()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def encode_pairs(
+    tokenizer, pairs: list[dict], config: RewardStageConfig, report: Report
+) -> list[dict[str, Any]]:
+    """Pairs -> chosen_ids / rejected_ids / margin / weight; over-length pairs truncated or dropped, counted."""
+    group_sizes = Counter(pair["group"] for pair in pairs)
+    encoded = []
+    for pair in pairs:
+        chosen = encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair["chosen"]))
+        rejected = encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair["rejected"]))
+        if config.max_length and max(len(chosen), len(rejected)) > config.max_length:
+            if config.overflow == "drop":
+                report.drop("over max_length")
+                continue
+            # Keep the end: the answer (and its EOS, where the score is read) matters more than the prompt's start.
+            chosen, rejected = chosen[-config.max_length :], rejected[-config.max_length :]
+            report.truncated += 1
+        row = {"chosen_ids": chosen, "rejected_ids": rejected, "group": pair["group"]}
+        row["weight"] = 1.0 / group_sizes[pair["group"]] if config.group_weighting else 1.0
+        row["margin"] = pair["margin"] if pair["margin"] is not None else 0.0
+        encoded.append(row)
+    report.kept = len(encoded)
+    return encoded
+
+
+class PreferenceCollator:
+    """TRL's preference collator, plus the per-pair weight."""
+
+    def __init__(self, pad_token_id: int, use_margin: bool):
+        self.base = DataCollatorForPreference(pad_token_id=pad_token_id)
+        self.use_margin = use_margin
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        keys = ("chosen_ids", "rejected_ids", "margin") if self.use_margin else ("chosen_ids", "rejected_ids")
+        batch = self.base([{k: ex[k] for k in keys} for ex in examples])
+        batch["weight"] = torch.tensor([ex["weight"] for ex in examples], dtype=torch.float32)
+        return batch
+
+
+class GroupWeightedRewardTrainer(RewardTrainer):
+    """RewardTrainer with the InstructGPT group weighting; the training loop and metrics are TRL's."""
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = inputs.pop("weight")
+        _, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)
+        loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"), weight.to(chosen.device))
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+        return (loss, outputs) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics and normalisation
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, groups: list[int]) -> dict[str, float]:
+    """Pairwise accuracy, margins, score statistics, and Kendall's tau per ranked prompt (K >= 3).
+
+    With all K(K-1)/2 pairs of a ranking present, tau = (concordant - discordant) / pairs = 2 * accuracy - 1.
+    """
+    correct = (chosen > rejected).float()
+    by_group: dict[int, list[float]] = defaultdict(list)
+    for group, ok in zip(groups, correct.tolist(), strict=True):
+        by_group[group].append(ok)
+    ranked = [2 * sum(v) / len(v) - 1 for v in by_group.values() if len(v) >= 3]
+    metrics = {
+        "accuracy": float(correct.mean()),
+        "mean_margin": float((chosen - rejected).mean()),
+        "chosen_mean": float(chosen.mean()),
+        "chosen_std": float(chosen.std()) if len(chosen) > 1 else 0.0,
+        "rejected_mean": float(rejected.mean()),
+        "rejected_std": float(rejected.std()) if len(rejected) > 1 else 0.0,
+        "pairs": len(chosen),
+    }
+    if ranked:
+        metrics["kendall_tau"] = sum(ranked) / len(ranked)
+        metrics["ranked_prompts"] = len(ranked)
+    return metrics
+
+
+def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = score_ids(
+        model,
+        [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows],
+        tokenizer.pad_token_id,
+        batch_size,
+    )
+    return scores[: len(rows)], scores[len(rows) :]
+
+
+def reference_scores(model, tokenizer, config: RewardStageConfig, train_pairs: list[dict]) -> torch.Tensor:
+    """Scores of the reference set: the distinct chosen answers of training, or a user-given prompt/response file."""
+    if config.normalize_reference:
+        prompts, _ = load_prompts(config.normalize_reference)
+        texts = [
+            reward_text(tokenizer, p["prompt"], [{"role": "assistant", "content": p["response"]}])
+            for p in prompts
+        ]
+    else:
+        texts = sorted({reward_text(tokenizer, p["prompt"], p["chosen"]) for p in train_pairs})
+    ids = [encode_for_scoring(tokenizer, t)[-(config.max_length or 10**9) :] for t in texts]
+    return score_ids(model, ids, tokenizer.pad_token_id, config.score_batch_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def main(config: RewardStageConfig) -> dict[str, Any]:
+    train_pairs, report = load_preferences(config.train_data)
+    if config.eval_data:
+        eval_pairs, _ = load_preferences(config.eval_data)
+    else:
+        # Split by prompt group, so no prompt's ranking is half in train and half in eval.
+        train_pairs, eval_pairs = split_eval(
+            train_pairs, config.eval_fraction, config.seed, key=lambda p: p["group"]
+        )
+    if config.model_name_or_path and (config.model_name_or_path.rstrip("/") + "/manifest.json"):
+        _check_start_model(config.model_name_or_path)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    train_rows = encode_pairs(tokenizer, train_pairs, config, report)
+    eval_report = Report(rows=len(eval_pairs))
+    eval_rows = encode_pairs(tokenizer, eval_pairs, config, eval_report)
+    log.warning("reward data: train %s; eval %s", report.summary(), eval_report.summary())
+
+    start_output(config)
+    run = StageRun("reward", config)
+    model = load_scalar_model(
+        config.model_name_or_path, tokenizer, config.dtype, config.trust_remote_code, config.lora_settings()
+    )
+    use_margin = any(p["margin"] is not None for p in train_pairs)
+    trainer = GroupWeightedRewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, use_margin),
+        callbacks=[CommitMarkerCallback()],
+    )
+    train_metrics = train_with_resume(trainer, config)
+    scoring_model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    chosen, rejected = score_pairs(scoring_model, tokenizer, eval_rows, config.score_batch_size)
+    run.metrics.update(
+        {f"eval_{k}": v for k, v in pair_metrics(chosen, rejected, [r["group"] for r in eval_rows]).items()}
+    )
+    normalizer = Normalizer.fit(reference_scores(scoring_model, tokenizer, config, train_pairs))
+    run.metrics.update(
+        train_loss=train_metrics.get("train_loss"), dropped=report.drops, truncated=report.truncated
+    )
+    finish_output(
+        trainer,
+        run,
+        tokenizer,
+        {**content_hash(config.train_data), **content_hash(config.eval_data)},
+        merge_lora=config.merge_lora,
+        extra={
+            "normalization": {
+                "mean": normalizer.mean,
+                "std": normalizer.std,
+                "reference": config.normalize_reference or "train chosen",
+            }
+        },
+    )
+    log.warning("reward model done: eval accuracy %.3f", run.metrics["eval_accuracy"])
+    return run.metrics
+
+
+def _check_start_model(path: str) -> None:
+    """A stage output given as the start model must be a finished one (its manifest verifies)."""
+    import os
+
+    if os.path.isfile(os.path.join(path, "manifest.json")) or os.path.isfile(
+        os.path.join(path, "config.yaml")
+    ):
+        read_manifest(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `rlhf reward score`
+
+
+def score_file(
+    model_path: str, data_path: str, out_path: str | None, batch_size: int = 32
+) -> list[dict[str, Any]]:
+    """Score prompt/response rows (or prompt + responses list) -> JSONL rows with raw and normalised scores."""
+    rows, _ = load_prompts(data_path)
+    problems = [r["source"] for r in rows if "response" not in r and "responses" not in r]
+    if problems:
+        from rlhf.data import DataError, Problem
+
+        raise DataError(
+            [
+                Problem(
+                    *s.rsplit(":", 1)[:1],
+                    int(s.rsplit(":", 1)[1]),
+                    "response: missing required field (or 'responses')",
+                )
+                for s in problems
+            ]
+        )
+    scorer = RewardModelScorer(model_path, batch_size=batch_size)
+    prompts, completions, owners = [], [], []
+    for index, row in enumerate(rows):
+        answers = row["responses"] if "responses" in row else [row["response"]]
+        for answer in answers:
+            prompts.append(row["prompt"])
+            completions.append(answer)
+            owners.append(index)
+    raw = scorer.raw_scores(prompts, completions)
+    normalised = scorer.normalizer(raw)
+    out = []
+    for prompt, completion, r, n in zip(prompts, completions, raw.tolist(), normalised.tolist(), strict=True):
+        out.append({"prompt": prompt, "response": completion, "score": r, "normalized_score": n})
+    if out_path:
+        with open(out_path, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in out)
+    else:
+        sys.stdout.writelines(json.dumps(row) + "\n" for row in out)
+    return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from rlhf.cli import run_guarded
+
+    argv = list(argv or [])
+    if argv and argv[0] == "score":
+        parser = argparse.ArgumentParser(
+            prog="rlhf reward score", description="Score responses with a reward model."
+        )
+        parser.add_argument("--model", required=True)
+        parser.add_argument("--data", required=True)
+        parser.add_argument("--out")
+        parser.add_argument("--batch-size", type=int, default=32)
+        args = parser.parse_args(argv[1:])
+        return run_guarded(lambda: score_file(args.model, args.data, args.out, args.batch_size))
+    return run_guarded(lambda: main(parse_config(RewardStageConfig, argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

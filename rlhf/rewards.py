@@ -1,0 +1,183 @@
+"""Reward sources: plain callables `(prompts, completions, **context) -> list[float]`, combined by weight.
+
+`prompts` are the user's request as text (the last user turn); `context` may carry `prompt_messages` (the whole
+prompt conversation) and `categories` for sources that need them. Three kinds ship: the learned reward model
+(`RewardModelScorer`), the safety reward (`rlhf.safety`), and any user function named `module:function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf.data import render_conversation
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+class RewardSourceError(RuntimeError):
+    """A reward source raised, returned NaN, or returned the wrong number of scores; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward-model text and scores (shared by the reward stage, `rlhf reward score`, PPO and evaluation)
+
+
+def reward_text(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
+    """What the reward model reads: the rendered conversation, ending on the answer's end-of-turn token."""
+    return render_conversation(tokenizer, prompt + completion).rstrip()
+
+
+def encode_for_scoring(tokenizer, text: str) -> list[int]:
+    """Token ids; the tokenizer's own specials (e.g. BERT's [CLS]) are added unless the template already did."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def pad_batch(
+    sequences: list[list[int]], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to one length -> (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a score does not depend on how much padding precedes it."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def score_ids(
+    model, sequences: list[list[int]], pad_id: int, batch_size: int = 32, side: str = "right"
+) -> torch.Tensor:
+    """Scalar scores [N] read at each sequence's last non-pad token, batched by length."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = pad_batch([sequences[i] for i in chunk], pad_id, side)
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if getattr(model.config, "model_type", "") not in ("bert", "roberta", "distilbert", "deberta-v2"):
+            kwargs["position_ids"] = position_ids_from(mask).to(device)
+        scores[chunk] = model(**kwargs).logits[:, 0].float().cpu()
+    return scores
+
+
+@dataclass
+class Normalizer:
+    """Affine map that gives the reference set mean 0 and standard deviation 1 (InstructGPT's RM bias)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    clip: float | None = None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        out = (scores - self.mean) / max(self.std, 1e-8)
+        return out.clamp(-self.clip, self.clip) if self.clip else out
+
+    @classmethod
+    def fit(cls, scores: torch.Tensor) -> Normalizer:
+        return cls(
+            mean=float(scores.mean()), std=float(scores.std(unbiased=False)) if len(scores) > 1 else 1.0
+        )
+
+
+class RewardModelScorer:
+    """The learned reward model as a reward source, normalised with the statistics its stage stored."""
+
+    name = "reward_model"
+
+    def __init__(
+        self, path: str, device: str | torch.device = "cpu", batch_size: int = 32, clip: float | None = None
+    ):
+        from rlhf.checkpoint import read_manifest
+        from rlhf.models import disable_dropout, load_scalar_model, load_tokenizer
+
+        manifest = read_manifest(path, "reward")
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_scalar_model(path, self.tokenizer).to(device).eval()
+        disable_dropout(self.model)
+        stats = manifest.get("normalization") or {}
+        self.normalizer = Normalizer(stats.get("mean", 0.0), stats.get("std", 1.0), clip)
+        self.batch_size = batch_size
+
+    def raw_scores(self, prompt_messages: list[list[dict]], completions: list[str]) -> torch.Tensor:
+        texts = [
+            reward_text(self.tokenizer, prompt, [{"role": "assistant", "content": completion}])
+            for prompt, completion in zip(prompt_messages, completions, strict=True)
+        ]
+        ids = [encode_for_scoring(self.tokenizer, text) for text in texts]
+        return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], prompt_messages=None, **_: Any
+    ) -> list[float]:
+        prompt_messages = prompt_messages or [[{"role": "user", "content": p}] for p in prompts]
+        return self.normalizer(self.raw_scores(prompt_messages, completions)).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# User functions and combination
+
+
+def load_function(spec: str, allowed_prefixes: Sequence[str] = ("rlhf.",)) -> RewardFn:
+    """`package.module:function`, only from modules under an allowed prefix (config: reward_allowed_modules)."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise RewardSourceError(f"reward function {spec!r}: expected 'module:function'")
+    if not any(module_name == p.rstrip(".") or module_name.startswith(p) for p in allowed_prefixes):
+        raise RewardSourceError(
+            f"reward function {spec!r}: module {module_name!r} is outside the allowed import paths {list(allowed_prefixes)}"
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as err:
+        raise RewardSourceError(f"reward function {spec!r}: {err}") from None
+    return function
+
+
+def call_source(
+    name: str, source: RewardFn, prompts: list[str], completions: list[str], **context: Any
+) -> list[float]:
+    """Call one source and check what it returned: one finite float per completion, or an error naming it."""
+    try:
+        scores = list(source(prompts, completions, **context))
+    except RewardSourceError:
+        raise
+    except Exception as err:  # a user function may raise anything: stop with its name attached
+        raise RewardSourceError(f"reward source {name!r} raised {type(err).__name__}: {err}") from err
+    if len(scores) != len(completions):
+        raise RewardSourceError(
+            f"reward source {name!r} returned {len(scores)} scores for {len(completions)} completions"
+        )
+    bad = [i for i, s in enumerate(scores) if not isinstance(s, (int, float)) or not math.isfinite(s)]
+    if bad:
+        raise RewardSourceError(
+            f"reward source {name!r} returned a non-finite score at index {bad[0]}: {scores[bad[0]]!r}"
+        )
+    return [float(s) for s in scores]
+
+
+def combine_rewards(
+    sources: dict[str, tuple[RewardFn, float]], prompts: list[str], completions: list[str], **context: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """total = sum_i weight_i * source_i(prompts, completions); each source's scores are returned for logging."""
+    per_source = {
+        name: torch.tensor(call_source(name, fn, prompts, completions, **context))
+        for name, (fn, _) in sources.items()
+    }
+    total = sum(weight * per_source[name] for name, (_, weight) in sources.items())
+    return total, per_source
