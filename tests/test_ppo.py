@@ -1,0 +1,218 @@
+"""The PPO stage on a tiny model: first step is on-policy, reward rises, exact resume, faults stop cleanly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_jsonl
+
+from rlhf.config import parse_config
+from rlhf.ppo import PPOStageConfig, TrainingAborted, build_trainer, main
+from rlhf.rewards import RewardSourceError
+
+PROMPTS = [f"What is {a} + {b}?" for a in range(1, 9) for b in range(1, 5)]
+
+
+def ppo_config(tmp_path: Path, model_dir: str, **overrides) -> PPOStageConfig:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "category": "allowed"} for p in PROMPTS])
+    args = {
+        "policy_model": model_dir,
+        "train_data": str(prompts),
+        "output_dir": str(tmp_path / "ppo"),
+        "reward_sources": "ppo_rewards:brevity",
+        "reward_weights": "1.0",
+        "reward_allowed_modules": "ppo_rewards",
+        "value_init": "policy",
+        "max_new_tokens": "12",
+        "rollout_batch_size": "8",
+        "mini_batch_size": "4",
+        "micro_batch_size": "2",
+        "ppo_epochs": "2",
+        "total_updates": "4",
+        "learning_rate": "3e-3",
+        "save_every": "2",
+        "report_to": "none",
+        "use_cpu": "true",
+        "seed": "0",
+        "temperature": "1.0",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    argv = [item for key, value in args.items() for item in (f"--{key}", *str(value).split())]
+    return parse_config(PPOStageConfig, argv)
+
+
+def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model_dir):
+    trainer = build_trainer(ppo_config(tmp_path, tiny_model_dir))
+    batch, stats, _, _ = trainer.rollout({})
+    assert stats["objective/kl"] == 0.0 and stats["objective/kl_k3"] == 0.0
+    trainer.model.train()
+    first = torch.arange(trainer.config.micro_batch_size)
+    logprobs, _, values = trainer.model(batch.select(first), trainer.config.temperature)
+    mask = batch.response_mask[first].bool()
+    ratio = torch.exp(logprobs - batch.logprobs[first])[mask]
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    assert torch.equal(values[mask], batch.values[first][mask])
+
+
+def test_responses_are_cut_after_the_first_eos(tmp_path, tiny_model_dir):
+    trainer = build_trainer(ppo_config(tmp_path, tiny_model_dir, max_new_tokens=24))
+    batch, _, _, _ = trainer.rollout({})
+    tok = trainer.tokenizer
+    for ids, mask, has_eos in zip(batch.response_ids, batch.response_mask, batch.has_eos, strict=True):
+        length = int(mask.sum())
+        if has_eos:
+            assert ids[length - 1] == tok.eos_token_id and (ids[: length - 1] != tok.eos_token_id).all()
+        assert (ids[length:] == tok.pad_token_id).all()
+
+
+def test_reward_rises_while_kl_stays_bounded(tmp_path, tiny_model_dir):
+    config = ppo_config(
+        tmp_path,
+        tiny_model_dir,
+        reward_sources="ppo_rewards:digits",
+        total_updates=10,
+        save_every=100,
+        kl_coef=0.01,
+        missing_eos_penalty="None",
+        learning_rate=1e-2,
+        rollout_batch_size=16,
+        mini_batch_size=8,
+        micro_batch_size=8,
+    )
+    metrics = main(config)
+    assert metrics["reward_last"] > metrics["reward_first"] + 0.5
+    assert metrics["kl_max"] < 50
+    assert (Path(config.output_dir) / "manifest.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(config.output_dir)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    full = ppo_config(tmp_path / "a", tiny_model_dir) if (tmp_path / "a").mkdir() is None else None
+    main(full)
+    # The interrupted run: only its committed checkpoint at update 2 survives.
+    (tmp_path / "b").mkdir()
+    resumed = ppo_config(tmp_path / "b", tiny_model_dir, resume_from_checkpoint="auto")
+    shutil.copytree(
+        Path(full.output_dir) / "checkpoints" / "step-2", Path(resumed.output_dir) / "checkpoints" / "step-2"
+    )
+    main(resumed)
+    a, b = weights(Path(full.output_dir)), weights(Path(resumed.output_dir))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (
+        weights(Path(full.output_dir) / "value").keys() == weights(Path(resumed.output_dir) / "value").keys()
+    )
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("ppo_rewards:returns_nan", "'ppo_rewards:returns_nan' returned a non-finite score"),
+        ("ppo_rewards:returns_too_few", "'ppo_rewards:returns_too_few' returned 1 scores for 8"),
+        ("ppo_rewards:raises", "'ppo_rewards:raises' raised KeyError"),
+    ],
+)
+def test_a_faulty_reward_source_stops_the_run_naming_it(tmp_path, tiny_model_dir, source, message):
+    config = ppo_config(tmp_path, tiny_model_dir, reward_sources=source)
+    with pytest.raises(RewardSourceError, match=message):
+        main(config)
+
+
+def test_reward_functions_outside_the_allowed_modules_are_refused(tmp_path, tiny_model_dir):
+    config = ppo_config(tmp_path, tiny_model_dir, reward_sources="os:system")
+    with pytest.raises(RewardSourceError, match="outside the allowed import paths"):
+        main(config)
+
+
+def test_nonfinite_losses_skip_steps_then_abort_without_saving(tmp_path, tiny_model_dir, monkeypatch):
+    import rlhf.ppo as ppo
+
+    real = ppo.ppo_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(ppo, "ppo_policy_loss", nan_loss)
+    config = ppo_config(tmp_path, tiny_model_dir, max_nonfinite_steps=3)
+    with pytest.raises(TrainingAborted, match="update 0: 3 non-finite losses in a row"):
+        main(config)
+    assert not (Path(config.output_dir) / "checkpoints").exists()
+    assert not (Path(config.output_dir) / "manifest.json").exists()
+
+
+def test_prompts_are_validated_before_models_load(tmp_path, monkeypatch):
+    import rlhf.ppo as ppo
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+    monkeypatch.setattr(ppo, "load_models", lambda *a, **k: pytest.fail("models loaded before validation"))
+    config = ppo_config(tmp_path, "no-model-here", train_data=str(bad))
+    from rlhf.data import DataError
+
+    with pytest.raises(DataError, match=f"{bad}:2: prompt: blank text"):
+        main(config)
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu(tmp_path, tiny_model_dir):
+    config = ppo_config(tmp_path, tiny_model_dir, total_updates=2)
+    argv = [
+        f"--{k}={v}"
+        for k, v in {
+            "policy_model": tiny_model_dir,
+            "train_data": config.train_data[0],
+            "output_dir": config.output_dir,
+            "reward_sources": "ppo_rewards:brevity",
+            "reward_allowed_modules": "ppo_rewards",
+            "value_init": "policy",
+            "max_new_tokens": 8,
+            "rollout_batch_size": 4,
+            "mini_batch_size": 4,
+            "micro_batch_size": 2,
+            "ppo_epochs": 1,
+            "total_updates": 2,
+            "report_to": "none",
+            "use_cpu": "true",
+        }.items()
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "rlhf.ppo",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (Path(config.output_dir) / "manifest.json").exists()
