@@ -55,6 +55,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        # Encoders (BERT, MiniLM) have no EOS; [SEP] ends their sequences and serves as the end-of-turn token.
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # pad == eos hides the real EOS from masks and from the reward model's last-token lookup.
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})

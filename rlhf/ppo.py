@@ -439,7 +439,7 @@ class Trainer:
 
     def train_on(self, batch: Rollout) -> dict[str, float]:
         """6. PPO epochs: minibatches of `mini_batch_size`, accumulated over micro-batches, one optimizer step each."""
-        config, accelerator = self.config, self.accelerator
+        config = self.config
         self.model.train()
         totals: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(config.seed * 1000003 + self.update)

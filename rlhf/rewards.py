@@ -64,13 +64,16 @@ def score_ids(
 ) -> torch.Tensor:
     """Scalar scores [N] read at each sequence's last non-pad token, batched by length."""
     device = next(model.parameters()).device
+    # Encoders read the score at their first token ([CLS]); left padding would put a pad there, so pad right.
+    encoder = getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "deberta-v2")
+    side = "right" if encoder else side
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = torch.empty(len(sequences), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_batch([sequences[i] for i in chunk], pad_id, side)
         kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if getattr(model.config, "model_type", "") not in ("bert", "roberta", "distilbert", "deberta-v2"):
+        if not encoder:
             kwargs["position_ids"] = position_ids_from(mask).to(device)
         scores[chunk] = model(**kwargs).logits[:, 0].float().cpu()
     return scores

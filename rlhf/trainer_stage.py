@@ -151,10 +151,10 @@ def finish_output(
         state_dict = None
         model = model.merge_and_unload()
     else:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if trainer.is_deepspeed_enabled:
-        # ZeRO-3 shards parameters: gather them so the saved model reloads as an ordinary HF model.
-        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+        # ZeRO-3 shards parameters and only the engine can gather them (a collective: every rank calls it), so the
+        # saved model reloads as an ordinary HF model; the bare module has no `zero_gather_16bit_weights_on_model_save`.
+        wrapped = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
+        state_dict = trainer.accelerator.get_state_dict(wrapped)
     if trainer.accelerator.is_main_process:
         model.save_pretrained(config.output_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(config.output_dir)
