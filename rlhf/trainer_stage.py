@@ -5,6 +5,7 @@ TRL's trainers run the training loop as a black box; this module only wraps it w
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -158,6 +159,8 @@ def finish_output(
     if trainer.accelerator.is_main_process:
         model.save_pretrained(config.output_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(config.output_dir)
+        with open(os.path.join(config.output_dir, "log_history.json"), "w") as handle:
+            json.dump(trainer.state.log_history, handle)
         run.metrics["wall_seconds"] = round(time.time() - run.started, 2)
         write_manifest(
             config.output_dir,

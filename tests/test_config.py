@@ -9,9 +9,12 @@ import yaml
 from conftest import REPO
 
 from rlhf.config import ConfigError, dump_config, parse_config
+from rlhf.pipeline import PipelineConfig
+from rlhf.ppo import PPOStageConfig
+from rlhf.reward_model import RewardStageConfig
 from rlhf.sft import SFTStageConfig
 
-STAGE_CONFIGS = {"sft": SFTStageConfig}
+STAGE_CONFIGS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig, "pipeline": PipelineConfig}
 
 
 def stage_of(path: Path) -> str | None:

@@ -1,0 +1,179 @@
+"""The whole recipe in one command: SFT -> reward model -> PPO -> evaluation -> report.
+
+    rlhf pipeline --config configs/demo/pipeline.yaml [--seed 1 --output_dir outputs/demo-seed1]
+
+Each stage runs as its own `accelerate launch` process with the same accelerate/DeepSpeed config, chained by
+output directories: SFT starts from `base_model`, the reward model from the SFT output, PPO from both. A stage
+whose manifest is complete, whose files verify and whose recorded config equals the one this run would use is
+skipped, so an interrupted pipeline resumes (the interrupted stage itself resumes from its last committed
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.checkpoint import HandoffError, read_manifest
+from rlhf.config import config_to_dict, parse_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = field(
+        default="outputs/demo", metadata={"help": "Holds sft/, reward/, ppo/ and the report."}
+    )
+    accelerate_config: str = field(
+        default="configs/accelerate/cpu.yaml", metadata={"help": "accelerate launch config for every stage."}
+    )
+    base_model: str = field(default="", metadata={"help": "SFT start model (hub name or path)."})
+    init_tiny: bool = field(
+        default=False, metadata={"help": "Create base_model with `rlhf init-tiny` if it is missing."}
+    )
+    tiny_corpus: list[str] = field(
+        default_factory=lambda: ["data/demo"], metadata={"help": "Tokenizer corpus for init_tiny."}
+    )
+    sft_config: str = field(default="configs/tiny/sft.yaml", metadata={"help": "SFT stage config."})
+    reward_config: str = field(default="configs/tiny/reward.yaml", metadata={"help": "Reward stage config."})
+    ppo_config: str = field(default="configs/tiny/ppo.yaml", metadata={"help": "PPO stage config."})
+    eval_prompts: str = field(
+        default="data/demo/prompts_eval.jsonl", metadata={"help": "Held-out prompts for evaluation."}
+    )
+    gold_judge: str = field(
+        default="", metadata={"help": "Gold judge 'module:function' for evaluation ('' = none)."}
+    )
+    safety_config: str = field(
+        default="", metadata={"help": "Safety classifier config for evaluation rates ('' = none)."}
+    )
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "Answer length limit in evaluation."})
+    seed: int = field(default=0, metadata={"help": "Seed for every stage and the evaluation."})
+
+
+STAGES = ("sft", "reward", "ppo")
+
+
+def stage_overrides(config: PipelineConfig) -> dict[str, dict[str, str]]:
+    """The command-line overrides that chain the stages through their output directories."""
+    out = Path(config.output_dir)
+    return {
+        "sft": {
+            "model_name_or_path": config.base_model,
+            "output_dir": str(out / "sft"),
+            "seed": str(config.seed),
+        },
+        "reward": {
+            "model_name_or_path": str(out / "sft"),
+            "output_dir": str(out / "reward"),
+            "seed": str(config.seed),
+        },
+        "ppo": {
+            "policy_model": str(out / "sft"),
+            "reward_model": str(out / "reward"),
+            "output_dir": str(out / "ppo"),
+            "seed": str(config.seed),
+        },
+    }
+
+
+def stage_argv(config: PipelineConfig, stage: str) -> list[str]:
+    path = {"sft": config.sft_config, "reward": config.reward_config, "ppo": config.ppo_config}[stage]
+    argv = ["--config", path]
+    for key, value in stage_overrides(config)[stage].items():
+        argv += [f"--{key}", value]
+    return argv
+
+
+def stage_config(stage: str, argv: list[str]):
+    if stage == "sft":
+        from rlhf.sft import SFTStageConfig as cls
+    elif stage == "reward":
+        from rlhf.reward_model import RewardStageConfig as cls
+    else:
+        from rlhf.ppo import PPOStageConfig as cls
+    return parse_config(cls, argv)
+
+
+IGNORED_FOR_SKIP = {"resume_from_checkpoint"}
+
+
+def is_done(stage: str, output_dir: str, argv: list[str]) -> bool:
+    """Complete manifest, files verify, and the recorded config is the one we would run now."""
+    try:
+        manifest = read_manifest(output_dir, stage)
+    except HandoffError:
+        return False
+    wanted = json.loads(json.dumps(config_to_dict(stage_config(stage, argv))))
+    recorded = manifest.get("config", {})
+    differs = [k for k in wanted if k not in IGNORED_FOR_SKIP and wanted[k] != recorded.get(k)]
+    if differs:
+        log.warning("%s: config changed (%s): running again", stage, ", ".join(differs[:5]))
+    return not differs
+
+
+def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config.accelerate_config,
+        "-m",
+        module,
+        *argv,
+    ]
+    result = subprocess.run(
+        command, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"pipeline: {module} failed with exit code {result.returncode}")
+
+
+def run(config: PipelineConfig) -> dict[str, Any]:
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, Any] = {}
+    if config.init_tiny and not Path(config.base_model, "model.safetensors").exists():
+        from rlhf.models import init_tiny
+
+        init_tiny(
+            config.base_model, corpus=[c for c in config.tiny_corpus if os.path.exists(c)], seed=config.seed
+        )
+    for stage in STAGES:
+        argv = stage_argv(config, stage)
+        output_dir = str(out / stage)
+        start = time.time()
+        if is_done(stage, output_dir, argv):
+            wall = read_manifest(output_dir, stage)["metrics"].get("wall_seconds")
+            print(f"[pipeline] {stage:<7} skipped (complete: {output_dir}, {wall}s when it ran)", flush=True)
+            stages[stage] = {"wall_seconds": wall, "skipped": True}
+            continue
+        module = {"sft": "rlhf.sft", "reward": "rlhf.reward_model", "ppo": "rlhf.ppo"}[stage]
+        launch(config, module, [*argv, "--resume_from_checkpoint", "auto"])
+        wall = round(time.time() - start, 1)
+        stages[stage] = {"wall_seconds": wall, "skipped": False}
+        print(f"[pipeline] {stage:<7} done in {wall}s -> {output_dir}", flush=True)
+    start = time.time()
+    from rlhf.report import write_report
+
+    report = write_report(config, stages)
+    print(f"[pipeline] eval    done in {time.time() - start:.1f}s -> {out / 'report.md'}", flush=True)
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from rlhf.cli import run_guarded
+
+    return run_guarded(lambda: run(parse_config(PipelineConfig, argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -1,0 +1,171 @@
+"""The pipeline's report: `report.json`, `report.md` and PNG plots (training curves, SFT-versus-PPO bars).
+
+The report is honest: every evaluation metric gets a verdict, and a metric PPO did not improve is said to be so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# metric -> True when higher is better
+VERDICT_METRICS = {
+    "gold_score": True,
+    "rm_score": True,
+    "disallowed_compliance_rate": False,
+    "allowed_refusal_rate": False,
+    "over_refusal_rate_sensitive": False,
+    "eos_rate": True,
+}
+BAR_METRICS = ("gold_score", "rm_score", "disallowed_compliance_rate", "allowed_refusal_rate", "eos_rate")
+
+
+def read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def training_curves(out: Path) -> dict[str, dict[str, list]]:
+    """Per-stage series: SFT loss, reward-model loss/accuracy, PPO reward, KL and entropy."""
+    sft = read_json(out / "sft" / "log_history.json", [])
+    rm = read_json(out / "reward" / "log_history.json", [])
+    ppo_path = out / "ppo" / "history.jsonl"
+    ppo = [json.loads(line) for line in ppo_path.read_text().splitlines()] if ppo_path.exists() else []
+    series = lambda rows, key: [(r.get("step", i + 1), r[key]) for i, r in enumerate(rows) if key in r]  # noqa: E731
+    return {
+        "sft": {"loss": series(sft, "loss")},
+        "reward": {"loss": series(rm, "loss"), "accuracy": series(rm, "accuracy")},
+        "ppo": {
+            "reward": [(i + 1, r["reward/total"]) for i, r in enumerate(ppo)],
+            "kl": [(i + 1, r["objective/kl"]) for i, r in enumerate(ppo)],
+            "entropy": [(i + 1, r.get("policy/entropy", 0.0)) for i, r in enumerate(ppo)],
+        },
+    }
+
+
+def verdicts(sft: dict[str, Any], ppo: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for metric, higher_is_better in VERDICT_METRICS.items():
+        before, after = sft.get(metric), ppo.get(metric)
+        if before is None or after is None:
+            continue
+        if after == before:
+            out[metric] = "unchanged"
+        else:
+            better = (after > before) == higher_is_better
+            out[metric] = "improved" if better else "NOT improved (worse after PPO)"
+    return out
+
+
+def plot(
+    curves: dict[str, dict[str, list]], sft: dict[str, Any], ppo: dict[str, Any], out: Path
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    panels = [("sft", "loss"), ("reward", "accuracy"), ("ppo", "reward"), ("ppo", "kl"), ("ppo", "entropy")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (stage, key) in zip(axes, panels, strict=True):
+        points = curves[stage][key]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set_title(f"{stage}: {key}")
+        ax.set_xlabel("step" if stage != "ppo" else "update")
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=90)
+    files.append("training_curves.png")
+    plt.close(fig)
+
+    metrics = [m for m in BAR_METRICS if sft.get(m) is not None and ppo.get(m) is not None]
+    fig, ax = plt.subplots(figsize=(1.8 * max(1, len(metrics)) + 2, 3.5))
+    xs = range(len(metrics))
+    ax.bar([x - 0.2 for x in xs], [sft[m] for m in metrics], width=0.4, label="SFT")
+    ax.bar([x + 0.2 for x in xs], [ppo[m] for m in metrics], width=0.4, label="PPO")
+    ax.set_xticks(list(xs), metrics, rotation=20, ha="right")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend()
+    ax.set_title("evaluation: SFT vs PPO")
+    fig.tight_layout()
+    fig.savefig(out / "eval_bars.png", dpi=90)
+    files.append("eval_bars.png")
+    plt.close(fig)
+    return files
+
+
+def markdown(report: dict[str, Any]) -> str:
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    sft, ppo = report["eval"]["sft"], report["eval"]["ppo"]
+    lines = [
+        "# RLHF pipeline report",
+        "",
+        "## Stages",
+        "",
+        "| stage | wall seconds | skipped |",
+        "|---|---|---|",
+    ]
+    for stage, info in report["stages"].items():
+        lines.append(f"| {stage} | {fmt(info.get('wall_seconds'))} | {info.get('skipped', False)} |")
+    lines += [
+        "",
+        "## Evaluation (held-out prompts)",
+        "",
+        "| metric | SFT | PPO | verdict |",
+        "|---|---|---|---|",
+    ]
+    keys = [k for k in ppo if isinstance(ppo.get(k), (int, float)) and not isinstance(ppo.get(k), bool)]
+    for key in keys:
+        lines.append(
+            f"| {key} | {fmt(sft.get(key))} | {fmt(ppo.get(key))} | {report['verdicts'].get(key, '')} |"
+        )
+    worse = [k for k, v in report["verdicts"].items() if v.startswith("NOT")]
+    lines += [
+        "",
+        "PPO did not improve: " + ", ".join(worse) if worse else "PPO improved or kept every tracked metric.",
+    ]
+    lines += [
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "![SFT vs PPO](eval_bars.png)",
+        "",
+        "## Samples",
+        "",
+    ]
+    lines += ["| category | prompt | SFT | PPO |", "|---|---|---|---|"]
+    clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    for sample in report["samples"]:
+        lines.append(
+            f"| {sample.get('category')} | {clean(sample['prompt'])} | {clean(sample.get('reference', ''))} | "
+            f"{clean(sample.get('policy', ''))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(config, stages: dict[str, Any]) -> dict[str, Any]:
+    from rlhf.evaluation import EvalSettings, evaluate
+
+    out = Path(config.output_dir)
+    results = evaluate(
+        policy_path=str(out / "ppo"),
+        prompts_path=config.eval_prompts,
+        reference_path=str(out / "sft"),
+        reward_path=str(out / "reward"),
+        gold=config.gold_judge or None,
+        safety_config=config.safety_config or None,
+        settings=EvalSettings(max_new_tokens=config.eval_max_new_tokens, seed=config.seed),
+    )
+    sft, ppo = results["reference"], results["policy"]
+    report = {
+        "stages": stages,
+        "eval": {"sft": sft, "ppo": ppo},
+        "verdicts": verdicts(sft, ppo),
+        "samples": results["samples"],
+        "seed": config.seed,
+    }
+    report["plots"] = plot(training_curves(out), sft, ppo, out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    return report
