@@ -766,7 +766,13 @@ def run_update(trainer: Trainer) -> dict[str, float]:
     start = time.perf_counter()
     batch, stats, prompts, completions = trainer.rollout(timings)
     train_start = time.perf_counter()
-    stats.update(trainer.train_on(batch))
+    if rollout_is_finite(batch):
+        stats.update(trainer.train_on(batch))
+    else:
+        # A NaN in the rewards (or log-probs) would poison every weight it touches: skip this update's training.
+        trainer.skip_nonfinite_step()
+        stats["loss/nonfinite_steps"] = 1.0
+        trainer.scheduler.step()
     timings["train"] = time.perf_counter() - train_start
     trainer.kl_ctl.update(stats["objective/kl"], config.rollout_batch_size * accelerator.num_processes)
     trainer.update += 1
@@ -781,6 +787,18 @@ def run_update(trainer: Trainer) -> dict[str, float]:
     if accelerator.is_main_process and (trainer.update % config.sample_every == 0 or trainer.update == 1):
         write_samples(config.output_dir, trainer.update, prompts, completions, batch.scores.tolist())
     return stats
+
+
+def rollout_is_finite(batch: Rollout) -> bool:
+    mask = batch.response_mask.bool()
+    tensors = (
+        batch.scores,
+        batch.advantages[mask],
+        batch.returns[mask],
+        batch.logprobs[mask],
+        batch.ref_logprobs[mask],
+    )
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def write_samples(

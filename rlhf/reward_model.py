@@ -34,6 +34,7 @@ from rlhf.rewards import Normalizer, RewardModelScorer, encode_for_scoring, rewa
 from rlhf.trainer_stage import (
     CommitMarkerCallback,
     ModelFields,
+    NonFiniteLossGuard,
     StageRun,
     finish_output,
     split_eval,
@@ -219,7 +220,7 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         data_collator=PreferenceCollator(tokenizer.pad_token_id, use_margin),
-        callbacks=[CommitMarkerCallback()],
+        callbacks=[CommitMarkerCallback(), NonFiniteLossGuard()],
     )
     train_metrics = train_with_resume(trainer, config)
     scoring_model = trainer.accelerator.unwrap_model(trainer.model).eval()

@@ -22,6 +22,7 @@ from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.trainer_stage import (
     CommitMarkerCallback,
     ModelFields,
+    NonFiniteLossGuard,
     StageRun,
     finish_output,
     perplexity,
@@ -103,16 +104,20 @@ def main(config: SFTStageConfig) -> dict:
     # Our labels already hold the assistant-only mask; TRL's own flag expects raw conversations.
     trainer_args = copy.copy(config)
     trainer_args.assistant_only_loss = False
+    # Evaluate the start model inside train(): under DeepSpeed an evaluate() before train() either refuses
+    # (ZeRO-1/2: "ZeRO inference only makes sense with ZeRO Stage 3") or leaves no training engine (ZeRO-3).
+    trainer_args.eval_on_start = True
     trainer = SFTTrainer(
         model=model,
         args=trainer_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[CommitMarkerCallback()],
+        callbacks=[CommitMarkerCallback(), NonFiniteLossGuard()],
     )
-    before = trainer.evaluate()["eval_loss"]
     train_metrics = train_with_resume(trainer, config)
+    # The first evaluation on record is the start model's (a resumed run keeps the original run's history).
+    before = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
     after = trainer.evaluate()["eval_loss"]
     run.metrics.update(
         eval_loss_before=before,

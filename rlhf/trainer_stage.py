@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from rlhf.checkpoint import (
@@ -74,8 +75,6 @@ class ModelFields:
     def default_precision(self) -> None:
         """bf16 mixed precision where a GPU supports it; fp32 on CPU, where bf16 autocast is slow (TRL defaults to bf16)."""
         if getattr(self, "bf16", None) is None:
-            import torch
-
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
     def check_model_fields(self) -> None:
@@ -99,12 +98,52 @@ def split_eval(
     return [r for r in rows if key(r) not in held], [r for r in rows if key(r) in held]
 
 
-class CommitMarkerCallback(TrainerCallback):
-    """Marks each Trainer checkpoint committed once the Trainer has finished writing it."""
+class NonFiniteWeights(RuntimeError):
+    """Training produced NaN or infinite weights; nothing is committed."""
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+
+def first_nonfinite(model) -> str | None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return name
+    return None
+
+
+class CommitMarkerCallback(TrainerCallback):
+    """Marks each Trainer checkpoint committed once the Trainer has finished writing it, if its weights are finite."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        bad = first_nonfinite(model) if model is not None else None
+        if bad:
+            log.error("checkpoint-%d has non-finite weights (%s): left uncommitted", state.global_step, bad)
+        elif state.is_world_process_zero:
             mark_committed(f"{args.output_dir}/checkpoint-{state.global_step}")
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Counts non-finite logged losses; stops training after `limit` in a row, naming the step.
+
+    The Trainer has already stepped by the time a loss is logged, so a NaN is not undone here; the guard stops the
+    run, and `finish_output` refuses to save non-finite weights, so no finished-looking output carries them.
+    """
+
+    def __init__(self, limit: int = 3):
+        self.limit, self.in_a_row, self.total, self.aborted_at = limit, 0, 0, None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("non-finite loss at step %d (%d in a row)", state.global_step, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            self.aborted_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = False
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -132,7 +171,12 @@ def train_with_resume(trainer, config) -> dict[str, Any]:
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if resume:
         log.info("resuming from %s", resume)
+    guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteLossGuard)), None)
     result = trainer.train(resume_from_checkpoint=resume)
+    if guard is not None and guard.aborted_at is not None:
+        raise NonFiniteWeights(
+            f"step {guard.aborted_at}: {guard.limit} non-finite losses in a row; training aborted"
+        )
     return dict(result.metrics)
 
 
@@ -148,6 +192,9 @@ def finish_output(
     config = run.config
     trainer.accelerator.wait_for_everyone()
     model = trainer.accelerator.unwrap_model(trainer.model)
+    bad = first_nonfinite(model)
+    if bad:
+        raise NonFiniteWeights(f"{run.stage}: parameter {bad} is not finite after training; nothing saved")
     if hasattr(model, "merge_and_unload") and merge_lora:
         state_dict = None
         model = model.merge_and_unload()
