@@ -24,6 +24,7 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.checkpoint import (
+    ResumeError,
     atomic_directory,
     begin_stage_output,
     read_manifest,
@@ -292,14 +294,16 @@ def build_reward_sources(config: PPOStageConfig, device) -> dict[str, tuple[Any,
     return sources
 
 
-def load_models(config: PPOStageConfig, tokenizer):
+def load_models(config: PPOStageConfig, tokenizer, frozen=None):
+    """-> (policy, reference or None, value). `frozen`: a context the reference loads in (whole, see frozen_loading)."""
     lora = LoraSettings(config.lora_r, config.lora_alpha) if config.use_lora else None
     policy = load_causal_lm(config.policy_model, tokenizer, config.dtype, config.trust_remote_code, lora)
     reference = None
     if config.reference_model:
-        reference = load_causal_lm(
-            config.reference_model, tokenizer, config.dtype, config.trust_remote_code
-        ).eval()
+        with frozen or nullcontext():
+            reference = load_causal_lm(
+                config.reference_model, tokenizer, config.dtype, config.trust_remote_code
+            ).eval()
         reference.requires_grad_(False)
     value_path = config.reward_model if config.value_init == "reward" else config.policy_model
     value = load_scalar_model(value_path, tokenizer, config.dtype, config.trust_remote_code)
@@ -491,6 +495,8 @@ class Trainer:
                 ):
                     stats[key] = stats.get(key, 0.0) + float(value.detach())
         total_loss = torch.stack(losses).sum()
+        # Under DeepSpeed the engine has already clipped and stepped inside the last `backward` (it skips a step
+        # whose gradient norm is not finite); the clip, step and zero_grad calls below are then no-ops.
         if not torch.isfinite(total_loss):
             self.skip_nonfinite_step()
             return {"loss/nonfinite_steps": 1.0}
@@ -546,24 +552,153 @@ def pad_right(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, tor
     return pad_batch(sequences, value, side="right")
 
 
-class gathered_for_generation:
-    """Under ZeRO-3, gather the policy's parameters once for the whole `generate` call, not per layer per token."""
+@contextmanager
+def gathered_for_generation(accelerator, model):
+    """Under ZeRO-3, gather the policy's parameters once for the whole `generate` call, not per layer per token.
 
-    def __init__(self, accelerator, model):
-        self.context = None
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
-            import deepspeed
+    Gathering alone is not enough: ZeRO-3's per-module hooks would still release each layer after its forward and
+    gather it again for the next token (DeepSpeed#4354). So the hooks come off for the call and go back on after, as
+    in TRL's `unwrap_model_for_generation`. Costs the whole policy's memory on every rank meanwhile.
+    """
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
 
-            self.context = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    offload = model.optimizer.parameter_offload  # owns the engine's per-module fetch/release hooks
+    policy = accelerator.unwrap_model(model).policy
+    with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+        for param in model.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)  # hooks back on; invalidates the prefetch trace
 
-    def __enter__(self):
-        if self.context is not None:
-            self.context.__enter__()
 
-    def __exit__(self, *exc):
-        if self.context is not None:
-            self.context.__exit__(*exc)
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed: the few places where a ZeRO launch differs from DDP
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed launch; None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else None
+
+
+def device_options(config: PPOStageConfig) -> dict[str, Any]:
+    """Accelerator arguments for the device. Under DeepSpeed, `cpu=True` would silently fall back to plain DDP, and a
+    CPU-only machine has no default process-group backend: ask for gloo there (DeepSpeed picks its CPU accelerator)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return {"cpu": config.use_cpu}
+    if torch.cuda.is_available():
+        if config.use_cpu:
+            raise ValueError("use_cpu: a DeepSpeed launch runs on the GPU it finds; pass --use_cpu false")
+        return {}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def configure_deepspeed(accelerator, config: PPOStageConfig) -> None:
+    """DeepSpeed sizes its batches from a dataloader, and we have none: give it ours (per process) and our clipping.
+
+    The engine then runs backward, clipping and the optimizer step inside `accelerator.backward` at the end of each
+    minibatch (it divides the loss by the accumulation steps, as accelerate does without DeepSpeed).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if plugin.zero_stage == 3 and (config.use_lora or config.ema_decay is not None):
+        raise ValueError(
+            "use_lora, ema_decay: not supported with PPO under ZeRO-3 (they need whole weights every step); use ZeRO-2"
+        )
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.mini_batch_size * accelerator.num_processes,
+        "gradient_clipping": config.max_grad_norm,
+        # Our torch AdamW, wrapped in ZeRO's optimizer; DeepSpeed vouches only for its own optimizers.
+        "zero_allow_untested_optimizer": True,
+    }
+    ds_config = plugin.deepspeed_config
+    if plugin.zero_stage == 3:
+        # Checkpoints and the final save gather the shards into whole weights (accelerator.get_state_dict).
+        ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    for key, value in wanted.items():
+        if ds_config.get(key, "auto") not in ("auto", value):
+            raise ValueError(
+                f"DeepSpeed config: {key} = {ds_config[key]!r}, but the PPO config implies {value!r}; set it to 'auto'"
+            )
+        ds_config[key] = value
+
+
+@contextmanager
+def frozen_loading(accelerator):
+    """Context to load the frozen models (reference, reward model) in: they run in inference mode, whole on every
+    rank. Under ZeRO-3 that means outside DeepSpeed's partitioned init (`from_pretrained` follows transformers'
+    global DeepSpeed config), which would shard them with no engine to gather the shards back. (accelerate's
+    `zero3_init_context_manager(enable=False)` re-registers the same ZeRO-3 config, so it does not do this.)"""
+    dschf = getattr(getattr(accelerator.state, "deepspeed_plugin", None), "dschf", None)
+    if dschf is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(dschf)
+
+
+def full_weights(trainer: Trainer) -> dict[str, dict[str, torch.Tensor] | None]:
+    """Under ZeRO-3: the policy's and the value model's whole weights, gathered from the shards onto the main process
+    (a collective: every rank calls it; the other ranks get nothing). Otherwise None: the modules hold them whole."""
+    parts: dict[str, dict[str, torch.Tensor] | None] = {"policy": None, "value": None}
+    if zero_stage(trainer.accelerator) != 3:
+        return parts
+    parts = {"policy": {}, "value": {}}
+    for key, tensor in (trainer.accelerator.get_state_dict(trainer.model) or {}).items():
+        part, name = key.split(".", 1)
+        parts[part][name] = tensor
+    return parts
+
+
+@contextmanager
+def shared_atomic_directory(accelerator, final: Path):
+    """`atomic_directory` that every rank writes into: the main process creates it and commits it after a barrier,
+    so the COMMITTED marker means that all ranks finished writing."""
+    from accelerate.utils import broadcast_object_list
+
+    with atomic_directory(final) if accelerator.is_main_process else nullcontext() as tmp:
+        tmp = Path(broadcast_object_list([tmp])[0])
+        yield tmp
+        accelerator.wait_for_everyone()
+
+
+ENGINE_CHECKPOINT = ("deepspeed", "engine")  # sub-directory and DeepSpeed tag inside a PPO checkpoint
+
+
+def save_engine_state(trainer: Trainer, directory: Path) -> None:
+    """DeepSpeed: every rank writes its shard of the optimizer state (and ZeRO-3 weight shards) through the engine."""
+    if zero_stage(trainer.accelerator) is not None:
+        folder, tag = ENGINE_CHECKPOINT
+        trainer.model.save_checkpoint(str(directory / folder), tag=tag, save_latest=False)
+
+
+def load_engine_state(trainer: Trainer, path: str) -> bool:
+    """DeepSpeed: restore weights and optimizer shards from the engine's files (same ZeRO stage and world size)."""
+    if zero_stage(trainer.accelerator) is None:
+        return False
+    folder, tag = ENGINE_CHECKPOINT
+    loaded, _ = trainer.model.load_checkpoint(str(Path(path) / folder), tag=tag, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise ResumeError(f"resume_from_checkpoint: {path} has no DeepSpeed state under {folder}/{tag}")
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -591,26 +726,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_finite(model: torch.nn.Module, where: str) -> None:
-    """Non-finite weights are never saved."""
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
-            raise TrainingAborted(f"{where}: parameter {name} has non-finite values; not saving")
+def check_finite(model: torch.nn.Module, where: str, accelerator=None) -> None:
+    """Non-finite weights are never saved. Each rank checks what it holds (under ZeRO-3: its shard); all agree."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+    anywhere = len(bad)
+    if accelerator is not None and accelerator.num_processes > 1:
+        anywhere = int(accelerator.reduce(torch.tensor([len(bad)], device=accelerator.device), "sum").item())
+    if anywhere:
+        name = bad[0] if bad else "(on another rank)"
+        raise TrainingAborted(f"{where}: parameter {name} has non-finite values; not saving")
 
 
 def save_checkpoint(trainer: Trainer) -> None:
+    """Weights (safetensors), trainer state and, under DeepSpeed, the engine's per-rank optimizer shards, committed
+    together. Every rank calls it: under ZeRO-3 the weights are gathered first, a collective."""
     accelerator, config = trainer.accelerator, trainer.config
     model = accelerator.unwrap_model(trainer.model)
-    check_finite(model, f"checkpoint at update {trainer.update}")
+    check_finite(model, f"checkpoint at update {trainer.update}", accelerator)
+    weights = full_weights(trainer)
     directory = Path(config.output_dir) / "checkpoints"
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_directory(directory / f"step-{trainer.update}") as tmp:
-            model.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-            model.value.save_pretrained(tmp / "value", safe_serialization=True)
+    with shared_atomic_directory(accelerator, directory / f"step-{trainer.update}") as tmp:
+        if accelerator.is_main_process:
+            model.policy.save_pretrained(tmp / "policy", state_dict=weights["policy"], safe_serialization=True)
+            model.value.save_pretrained(tmp / "value", state_dict=weights["value"], safe_serialization=True)
             torch.save(
                 {
-                    "optimizer": trainer.optimizer.state_dict(),
+                    # Under DeepSpeed the optimizer state is partitioned: the engine saves it (save_engine_state).
+                    "optimizer": None if zero_stage(accelerator) else trainer.optimizer.state_dict(),
                     "scheduler": trainer.scheduler.state_dict(),
                     "kl_ctl": trainer.kl_ctl.state_dict(),
                     "rng": rng_state(),
@@ -619,6 +762,11 @@ def save_checkpoint(trainer: Trainer) -> None:
                 },
                 tmp / "trainer_state.pt",
             )
+        if accelerator.num_processes > 1:
+            # Sampling seeds differ per rank, so each rank's RNG state is its own.
+            torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        save_engine_state(trainer, tmp)
+    if accelerator.is_main_process:
         rotate_checkpoints(directory, config.keep_last)
     accelerator.wait_for_everyone()
 
@@ -627,7 +775,9 @@ def load_checkpoint(trainer: Trainer, path: str) -> None:
     from safetensors.torch import load_file
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    for part in ("policy", "value"):
+    # Under DeepSpeed the engine restores the weights together with its optimizer shards.
+    parts = () if load_engine_state(trainer, path) else ("policy", "value")
+    for part in parts:
         target = getattr(model, part)
         files = sorted(Path(path, part).glob("*.safetensors"))
         if hasattr(target, "peft_config"):
@@ -641,13 +791,15 @@ def load_checkpoint(trainer: Trainer, path: str) -> None:
             target.load_state_dict(state, strict=False)
     # weights_only: optimizer and RNG state are tensors and plain containers; a pickled payload is refused.
     state = torch.load(Path(path) / "trainer_state.pt", weights_only=True)
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.kl_ctl.load_state_dict(state["kl_ctl"])
     trainer.update = state["counters"]["update"]
     trainer.nonfinite_total = state["counters"]["nonfinite_total"]
     trainer.ema = state["ema"]
-    set_rng_state(state["rng"])
+    rank_rng = Path(path) / f"rng_state_{trainer.accelerator.process_index}.pt"
+    set_rng_state(torch.load(rank_rng, weights_only=True) if rank_rng.exists() else state["rng"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -676,15 +828,19 @@ def build_trainer(config: PPOStageConfig) -> Trainer:
 
     trackers = [t for t in config.report_to if t != "none"]
     accelerator = Accelerator(
-        cpu=config.use_cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # We step the scheduler once per update ourselves; linked to the optimizer, accelerate would step it
+        # once per process (it assumes a dataloader sharded across processes).
+        step_scheduler_with_optimizer=False,
         log_with=trackers or None,
         project_dir=config.output_dir,
+        **device_options(config),
     )
+    configure_deepspeed(accelerator, config)
     # Data order is shared by all ranks (PromptSet uses config.seed); sampling must differ per rank.
     set_seed(config.seed + accelerator.process_index)
-    policy, reference, value = load_models(config, tokenizer)
+    policy, reference, value = load_models(config, tokenizer, frozen_loading(accelerator))
     model = PolicyAndValue(policy, value)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -706,7 +862,8 @@ def build_trainer(config: PPOStageConfig) -> Trainer:
     ptx = (
         tokenize_demonstrations(tokenizer, ptx_rows, 512, "truncate", "drop", _report()) if ptx_rows else None
     )
-    sources = build_reward_sources(config, accelerator.device)
+    with frozen_loading(accelerator):
+        sources = build_reward_sources(config, accelerator.device)
     return Trainer(
         config, accelerator, tokenizer, model, reference, optimizer, scheduler, kl_ctl, sources, prompts, ptx
     )
@@ -728,9 +885,10 @@ def _stage_manifest(path: str, stage: str) -> dict | None:
 
 
 def main(config: PPOStageConfig) -> dict[str, Any]:
+    # A resume path that cannot be used is an error before any model loads.
+    resume = resolve_resume(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
     trainer = build_trainer(config)
     accelerator = trainer.accelerator
-    resume = resolve_resume(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
     if accelerator.is_main_process:
         begin_stage_output(config.output_dir)
         dump_config(config, f"{config.output_dir}/config.yaml")
@@ -836,16 +994,19 @@ def save_final(trainer: Trainer, metrics: dict[str, Any]) -> None:
     accelerator, config = trainer.accelerator, trainer.config
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(trainer.model)
-    check_finite(model, "final policy")
+    check_finite(model, "final policy", accelerator)
+    weights = full_weights(trainer)
     if accelerator.is_main_process:
         policy = (
             model.policy.merge_and_unload()
             if hasattr(model.policy, "merge_and_unload") and config.merge_lora
             else model.policy
         )
-        policy.save_pretrained(config.output_dir, safe_serialization=True)
+        policy.save_pretrained(config.output_dir, state_dict=weights["policy"], safe_serialization=True)
         trainer.tokenizer.save_pretrained(config.output_dir)
-        model.value.save_pretrained(Path(config.output_dir) / "value", safe_serialization=True)
+        model.value.save_pretrained(
+            Path(config.output_dir) / "value", state_dict=weights["value"], safe_serialization=True
+        )
         if trainer.ema is not None:
             from safetensors.torch import save_file
 

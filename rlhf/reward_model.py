@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from rlhf.checkpoint import read_manifest
+from rlhf.checkpoint import read_manifest, resolve_resume
 from rlhf.config import parse_config
 from rlhf.data import Report, content_hash, load_preferences, load_prompts
 from rlhf.losses import bradley_terry_loss
@@ -207,8 +208,11 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     eval_rows = encode_pairs(tokenizer, eval_pairs, config, eval_report)
     log.warning("reward data: train %s; eval %s", report.summary(), eval_report.summary())
 
+    resolve_resume(config.resume_from_checkpoint, config.output_dir)  # fail before any model loads
     start_output(config)
     run = StageRun("reward", config)
+    # A fresh score head is drawn from the RNG: seed it, so a resumed run and an uninterrupted one start alike.
+    set_seed(config.seed)
     model = load_scalar_model(
         config.model_name_or_path, tokenizer, config.dtype, config.trust_remote_code, config.lora_settings()
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from rlhf.checkpoint import resolve_resume
 from rlhf.config import parse_config
 from rlhf.data import Report, content_hash, load_demonstrations, tokenize_demonstrations
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -96,6 +97,7 @@ def main(config: SFTStageConfig) -> dict:
     eval_set = tokenize(config, tokenizer, eval_rows, eval_report)
     log.warning("SFT data: train %s; eval %s", report.summary(), eval_report.summary())
 
+    resolve_resume(config.resume_from_checkpoint, config.output_dir)  # fail before any model loads
     start_output(config)
     run = StageRun("sft", config)
     model = load_causal_lm(

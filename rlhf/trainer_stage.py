@@ -78,6 +78,11 @@ class ModelFields:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
     def check_model_fields(self) -> None:
+        if getattr(self, "hub_token", None):
+            # The Trainer pickles its arguments into every checkpoint (training_args.bin): a token there leaks.
+            raise ValueError(
+                "hub_token: secrets do not belong in configs; set HF_TOKEN or run `hf auth login`"
+            )
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path: required")
         if not self.train_data:

@@ -27,3 +27,16 @@ def raises(prompts: list[str], completions: list[str], **_) -> list[float]:
 def digits(prompts: list[str], completions: list[str], **_) -> list[float]:
     """Share of characters that are digits: a per-token preference a random tiny model learns in a few updates."""
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) * 5.0 for c in completions]
+
+
+_calls = {"n": 0}
+
+
+def dies_on_rank_1(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """Rank 1 exits abruptly on its second call, as a crashed worker would."""
+    import os
+
+    _calls["n"] += 1
+    if os.environ.get("RANK") == "1" and _calls["n"] >= 2:
+        os._exit(3)
+    return [0.0 for _ in completions]

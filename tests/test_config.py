@@ -14,7 +14,12 @@ from rlhf.ppo import PPOStageConfig
 from rlhf.reward_model import RewardStageConfig
 from rlhf.sft import SFTStageConfig
 
-STAGE_CONFIGS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig, "pipeline": PipelineConfig}
+STAGE_CONFIGS = {
+    "sft": SFTStageConfig,
+    "reward": RewardStageConfig,
+    "ppo": PPOStageConfig,
+    "pipeline": PipelineConfig,
+}
 
 
 def stage_of(path: Path) -> str | None:
@@ -59,12 +64,17 @@ def test_field_validation_names_the_field(tmp_path):
         parse_config(SFTStageConfig, ["--config", str(path)])
 
 
-def test_dumped_config_redacts_secrets(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_canary_123456")
+def test_tokens_in_configs_are_refused_and_env_secrets_redacted_from_dumps(tmp_path, monkeypatch):
     path = tmp_path / "sft.yaml"
     path.write_text("model_name_or_path: m\ntrain_data: [a]\noutput_dir: out\nhub_token: hf_canary_123456\n")
+    with pytest.raises(ConfigError, match="hub_token: secrets do not belong in configs"):
+        parse_config(SFTStageConfig, ["--config", str(path)])
+    monkeypatch.setenv("WANDB_API_KEY", "wandb_canary_123456")
+    path.write_text(
+        "model_name_or_path: m\ntrain_data: [a]\noutput_dir: out\nrun_name: wandb_canary_123456\n"
+    )
     config = parse_config(SFTStageConfig, ["--config", str(path)])
     dump_config(config, str(tmp_path / "dump.yaml"))
     text = (tmp_path / "dump.yaml").read_text()
-    assert "hf_canary_123456" not in text
+    assert "wandb_canary_123456" not in text
     assert yaml.safe_load(text)["train_data"] == ["a"]
