@@ -576,7 +576,8 @@ def gathered_for_generation(accelerator, model):
         try:
             yield
         finally:
-            offload._register_deepspeed_module(offload.module)  # hooks back on; invalidates the prefetch trace
+            # Hooks back on (this also invalidates the prefetch trace).
+            offload._register_deepspeed_module(offload.module)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -695,7 +696,9 @@ def load_engine_state(trainer: Trainer, path: str) -> bool:
     if zero_stage(trainer.accelerator) is None:
         return False
     folder, tag = ENGINE_CHECKPOINT
-    loaded, _ = trainer.model.load_checkpoint(str(Path(path) / folder), tag=tag, load_lr_scheduler_states=False)
+    loaded, _ = trainer.model.load_checkpoint(
+        str(Path(path) / folder), tag=tag, load_lr_scheduler_states=False
+    )
     if loaded is None:
         raise ResumeError(f"resume_from_checkpoint: {path} has no DeepSpeed state under {folder}/{tag}")
     return True
@@ -748,7 +751,9 @@ def save_checkpoint(trainer: Trainer) -> None:
     accelerator.wait_for_everyone()
     with shared_atomic_directory(accelerator, directory / f"step-{trainer.update}") as tmp:
         if accelerator.is_main_process:
-            model.policy.save_pretrained(tmp / "policy", state_dict=weights["policy"], safe_serialization=True)
+            model.policy.save_pretrained(
+                tmp / "policy", state_dict=weights["policy"], safe_serialization=True
+            )
             model.value.save_pretrained(tmp / "value", state_dict=weights["value"], safe_serialization=True)
             torch.save(
                 {

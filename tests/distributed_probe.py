@@ -1,4 +1,4 @@
-"""Test-only entry point for tests/test_distributed.py: a stage's own `cli`, plus a callback that records per rank.
+"""Test-only entry point for tests/test_distributed*.py: a stage's own `cli`, plus hooks that record per rank.
 
     accelerate launch --config_file configs/accelerate/zero3_cpu.yaml tests/distributed_probe.py PROBE_DIR sft \
         --config configs/tiny/sft.yaml ...
@@ -7,6 +7,13 @@ After every optimizer step each rank hashes its full parameters (gathered first 
 joins) and writes `PROBE_DIR/rank{N}.json` at the end: world size, backend, ZeRO stage, optimizer, and the hash per
 step. The test compares ranks. Production code knows nothing about this: the probe replaces the stage module's
 `CommitMarkerCallback` with a subclass, so commit markers are still written exactly as in a real run.
+
+    accelerate launch --config_file configs/accelerate/zero3_cpu.yaml tests/distributed_probe.py PROBE_DIR ppo ...
+
+PPO (tests/test_distributed_ppo.py) is our own loop, so the probe wraps functions of `rlhf.ppo` instead:
+`Trainer.optimizer_step` (hash the full weights after each step, keyed `update.step`), `generate` (count the
+all-gathers issued while generating: 0 when ZeRO-3's weights were gathered once before the call; the engine's
+forward is counted too, as the control) and, with PROBE_NAN_AT=update.step, `ppo_policy_loss` (NaN at that step).
 """
 
 from __future__ import annotations
@@ -79,8 +86,92 @@ def make_probe(probe_dir: str):
     return ProbeCallback
 
 
+GATHERS = ("all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced")
+
+
+def counting_gathers(action, into: list):
+    """Run `action`; append to `into` how many all-gathers DeepSpeed's comm backend issued meanwhile."""
+    from deepspeed import comm
+
+    backend, calls = comm.comm.cdb, [0]
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in GATHERS:
+        setattr(backend, name, counting(getattr(backend, name)))
+    try:
+        return action()
+    finally:
+        for name in GATHERS:
+            delattr(backend, name)  # drops the instance attribute: the class's method shows through again
+        into.append(calls[0])
+
+
+def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
+    """`rlhf.ppo.cli` with hashes after each optimizer step (key `update.step`) and all-gather counts; `nan_at`
+    (a key) makes that step's policy loss NaN, as a numerical blow-up would."""
+    from rlhf import ppo
+
+    record: dict = {"steps": {}, "policy_steps": {}, "generate_gathers": [], "forward_gathers": []}
+    trainers, current = [], {"key": None}
+    real_step, real_generate, real_forward = (
+        ppo.Trainer.optimizer_step,
+        ppo.generate,
+        ppo.Trainer.forward_in_chunks,
+    )
+    real_policy_loss = ppo.ppo_policy_loss
+
+    def optimizer_step(self, batch, minibatch, tokens):
+        if not trainers:
+            trainers.append(self)
+            # Now, while the process group is up (end_training tears it down).
+            record.update(
+                rank=dist.get_rank(),
+                world_size=dist.get_world_size(),
+                backend=dist.get_backend(),
+                zero_stage=ppo.zero_stage(self.accelerator),
+                zero_optimizer=type(getattr(self.optimizer, "optimizer", None)).__name__,
+            )
+        current["key"] = f"{self.update}.{sum(k.startswith(f'{self.update}.') for k in record['steps'])}"
+        stats = real_step(self, batch, minibatch, tokens)
+        model = self.accelerator.unwrap_model(self.model)
+        record["steps"][current["key"]] = parameter_hash(model)
+        record["policy_steps"][current["key"]] = parameter_hash(model.policy)
+        return stats
+
+    def policy_loss(*args, **kwargs):
+        loss, stats = real_policy_loss(*args, **kwargs)
+        return (loss * float("nan") if current["key"] == nan_at else loss), stats
+
+    def generate(*args, **kwargs):
+        return counting_gathers(lambda: real_generate(*args, **kwargs), record["generate_gathers"])
+
+    def forward_in_chunks(self, batch):
+        # The control: the engine's own forward under ZeRO-3 gathers each layer's weights.
+        return counting_gathers(lambda: real_forward(self, batch), record["forward_gathers"])
+
+    ppo.Trainer.optimizer_step = optimizer_step
+    ppo.Trainer.forward_in_chunks = forward_in_chunks
+    ppo.generate = generate
+    ppo.ppo_policy_loss = policy_loss
+    code = ppo.cli(argv)
+    if trainers:
+        record.update(updates=trainers[0].update, nonfinite_total=trainers[0].nonfinite_total)
+        os.makedirs(probe_dir, exist_ok=True)
+        with open(os.path.join(probe_dir, f"rank{record['rank']}.json"), "w") as handle:
+            json.dump(record, handle, indent=1)
+    return code
+
+
 if __name__ == "__main__":
     probe_dir, stage, *argv = sys.argv[1:]
+    if stage == "ppo":
+        sys.exit(run_ppo(probe_dir, argv, os.environ.get("PROBE_NAN_AT")))
     module = STAGES[stage]
     module.CommitMarkerCallback = make_probe(probe_dir)
     sys.exit(module.cli(argv))
