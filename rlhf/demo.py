@@ -696,7 +696,7 @@ def _as_text(value: Any) -> str:
     return "\n".join(m["content"] for m in value)
 
 
-def gold_judge(prompts: list[str], completions: list[str]) -> list[float]:
+def gold_judge(prompts: list[str], completions: list[str], **_: object) -> list[float]:
     """Score each completion in [0, 1] from the text alone; prompts the judge cannot parse score 0.0.
 
     ``prompts`` may be raw questions, chat-formatted strings or lists of messages; each completion is the

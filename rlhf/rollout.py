@@ -61,12 +61,12 @@ def generate(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, tokenizer
         input_ids=query_ids,
         attention_mask=query_mask,
         max_new_tokens=config.max_new_tokens,
-        min_new_tokens=config.max_new_tokens if config.always_full_length else None,
         do_sample=True,
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
-        eos_token_id=tokenizer.eos_token_id,
+        # Full length: sample past EOS (cut afterwards) rather than forbid EOS, which would change the distribution.
+        eos_token_id=None if config.always_full_length else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )

@@ -209,3 +209,33 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (Path(config.output_dir) / "manifest.json").exists()
+
+
+def test_always_full_length_samples_past_eos_then_cuts(tmp_path, tiny_model_dir, monkeypatch):
+    trainer = build_trainer(
+        ppo_config(tmp_path, tiny_model_dir, max_new_tokens=16, always_full_length="true")
+    )
+    seen = {}
+    real = trainer.policy.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        out = real(**kwargs)
+        # Plant an EOS mid-answer: sampling went on past it, and the rollout must cut there.
+        out[0, kwargs["input_ids"].shape[1] + 3] = trainer.tokenizer.eos_token_id
+        return out
+
+    monkeypatch.setattr(trainer.policy, "generate", spy)
+    batch, _, _, _ = trainer.rollout({})
+    # EOS is not forbidden (no min_new_tokens): the sampled distribution stays the policy's.
+    assert seen["eos_token_id"] is None and not seen.get("min_new_tokens")
+    assert batch.response_ids.shape[1] == 16
+    assert int(batch.response_mask[0].sum()) == 4 and bool(batch.has_eos[0])
+
+
+def test_the_demo_gold_judge_works_as_a_reward_source(tmp_path, tiny_model_dir):
+    from rlhf.rewards import call_source, load_function
+
+    judge = load_function("rlhf.demo:gold_judge")
+    scores = call_source("gold", judge, ["What is 2 + 3?"], ["5."], prompt_messages=[[]], categories=[None])
+    assert len(scores) == 1
