@@ -78,10 +78,10 @@ def args(mapping: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------- 1. kill and resume
 
 
-def sft_args(tmp_path: Path, model_dir: str, out: Path) -> list[str]:
-    data = write_jsonl(tmp_path / "sft.jsonl", arithmetic_dialogues(128, seed=3))
+def trainer_stage_args(stage: str, model_dir: str, data: Path, out: Path) -> list[str]:
+    """A 40-step Trainer-stage run with a committed checkpoint every 10 steps."""
     return [
-        "sft",
+        stage,
         *args(
             {
                 "model_name_or_path": model_dir,
@@ -100,6 +100,11 @@ def sft_args(tmp_path: Path, model_dir: str, out: Path) -> list[str]:
             }
         ),
     ]
+
+
+def sft_args(tmp_path: Path, model_dir: str, out: Path) -> list[str]:
+    data = write_jsonl(tmp_path / "sft.jsonl", arithmetic_dialogues(128, seed=3))
+    return trainer_stage_args("sft", model_dir, data, out)
 
 
 def reward_args(tmp_path: Path, model_dir: str, out: Path) -> list[str]:
@@ -108,27 +113,7 @@ def reward_args(tmp_path: Path, model_dir: str, out: Path) -> list[str]:
         for a in range(1, 13)
         for b in range(1, 9)
     ]
-    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    return [
-        "reward",
-        *args(
-            {
-                "model_name_or_path": model_dir,
-                "train_data": data,
-                "eval_fraction": 0.1,
-                "output_dir": out,
-                "max_steps": 40,
-                "per_device_train_batch_size": 4,
-                "save_strategy": "steps",
-                "save_steps": 10,
-                "learning_rate": 1e-3,
-                "report_to": "none",
-                "use_cpu": "true",
-                "seed": 0,
-                "logging_steps": 5,
-            }
-        ),
-    ]
+    return trainer_stage_args("reward", model_dir, write_jsonl(tmp_path / "pairs.jsonl", rows), out)
 
 
 @pytest.mark.slow
