@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
+
+
+def launch_two_processes(module: str, argv: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a stage module in 2 CPU processes (torchrun, gloo), with tests/ importable."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/ddp_cpu.yaml"),
+        "-m",
+        module,
+        *argv,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
+from conftest import launch_two_processes, write_jsonl
 
 from rlhf.config import parse_config
 from rlhf.ppo import PPOStageConfig, TrainingAborted, build_trainer, main
@@ -189,24 +187,7 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir):
             "use_cpu": "true",
         }.items()
     ]
-    env = {**__import__("os").environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs/accelerate/ddp_cpu.yaml"),
-            "-m",
-            "rlhf.ppo",
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
+    result = launch_two_processes("rlhf.ppo", argv, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (Path(config.output_dir) / "manifest.json").exists()
 

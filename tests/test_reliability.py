@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, arithmetic_dialogues, write_jsonl
+from conftest import REPO, arithmetic_dialogues, launch_two_processes, write_jsonl
 from test_data import BAD_CASES
 from test_ppo import ppo_config
 
@@ -387,23 +387,7 @@ def test_a_rank_dying_mid_run_ends_the_job_non_zero_in_bounded_time(tmp_path, ti
         }
     )
     start = time.time()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs/accelerate/ddp_cpu.yaml"),
-            "-m",
-            "rlhf.ppo",
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=240,
-    )
+    result = launch_two_processes("rlhf.ppo", argv, timeout=240)
     assert result.returncode != 0
     assert time.time() - start < 240
     assert not (tmp_path / "out" / "manifest.json").exists()
