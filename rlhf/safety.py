@@ -120,8 +120,33 @@ class SafetyConfig:
     examples: dict[str, list[str]] = field(
         default_factory=dict, metadata={"help": "class -> example texts for the embedding centroids"}
     )
-    examples_path: str | None = field(
-        default=None, metadata={"help": "JSONL of {text, label} examples added to `examples`"}
+    examples_path: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL file(s) of examples added to `examples`: {text, label} rows, labelled prompt rows "
+            "{prompt, category} or labelled completion rows {prompt, completion, label}"
+        },
+    )
+    knn_k: int = field(
+        default=0,
+        metadata={
+            "help": "embedding: 0 = nearest centroid; k > 0 = a class scores the mean similarity of its k "
+            "nearest examples, mixed with its centroid similarity by `centroid_weight`"
+        },
+    )
+    centroid_weight: float = field(
+        default=0.5, metadata={"help": "embedding with knn_k > 0: weight of the centroid similarity (0..1)"}
+    )
+    center_embeddings: bool = field(
+        default=False,
+        metadata={"help": "embedding: subtract the mean example embedding before cosine similarity"},
+    )
+    class_margins: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "embedding: class -> number added to that class's score before the argmax "
+            "(a positive disallowed margin trades allowed precision for disallowed recall)"
+        },
     )
     reward_table: dict[str, dict[str, float]] = field(
         default_factory=dict, metadata={"help": "overrides merged onto DEFAULT_REWARD_TABLE"}
@@ -147,7 +172,36 @@ class SafetyConfig:
                 raise ValueError(f"examples: unknown class {label!r}")
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise ValueError(f"examples[{label!r}] must be a list of strings")
+        if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 0:
+            raise ValueError(f"knn_k must be a non-negative integer, got {self.knn_k!r}")
+        if (
+            isinstance(self.centroid_weight, bool)
+            or not isinstance(self.centroid_weight, (int, float))
+            or not 0.0 <= self.centroid_weight <= 1.0
+        ):
+            raise ValueError(f"centroid_weight must be a number in [0, 1], got {self.centroid_weight!r}")
+        if not isinstance(self.center_embeddings, bool):
+            raise ValueError(f"center_embeddings must be true or false, got {self.center_embeddings!r}")
+        if not isinstance(self.class_margins, dict):
+            raise ValueError("class_margins must map class names to numbers")
+        for label, value in self.class_margins.items():
+            if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
+                raise ValueError(f"class_margins: unknown class {label!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"class_margins[{label!r}] must be a finite number")
+        if self.examples_path is not None and not (
+            isinstance(self.examples_path, str)
+            or (isinstance(self.examples_path, list) and all(isinstance(p, str) for p in self.examples_path))
+        ):
+            raise ValueError("examples_path must be a path or a list of paths")
         self.reward_table = _merge_reward_table(self.reward_table)
+
+    @property
+    def examples_paths(self) -> list[str]:
+        """`examples_path` as a list (empty when unset)."""
+        if self.examples_path is None:
+            return []
+        return [self.examples_path] if isinstance(self.examples_path, str) else list(self.examples_path)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: Path | None = None) -> SafetyConfig:
@@ -157,11 +211,17 @@ class SafetyConfig:
             raise ValueError(f"unknown safety config keys: {', '.join(unknown)}")
         values = dict(values)
         if base_dir is not None:
-            for key in ("rubric_path", "examples_path", "model_name_or_path"):
-                path = values.get(key)
+
+            def resolve(path: Any) -> Any:
                 # Hub names ("facebook/bart-large-mnli") are left alone: only existing relative paths move.
                 if isinstance(path, str) and not Path(path).is_absolute() and (base_dir / path).exists():
-                    values[key] = str(base_dir / path)
+                    return str(base_dir / path)
+                return path
+
+            for key in ("rubric_path", "examples_path", "model_name_or_path"):
+                if key in values:
+                    value = values[key]
+                    values[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
         return cls(**values)
 
     @classmethod
@@ -470,7 +530,15 @@ def default_embedding_model() -> str:
 
 
 class EmbeddingClassifier(SafetyClassifier):
-    """Nearest centroid by cosine similarity; a class centroid averages its label text and its examples."""
+    """Sentence-embedding classifier over each class's label text and examples (cosine similarity).
+
+    `knn_k=0`: nearest centroid (a class centroid averages its label text and examples). `knn_k>0`: a class
+    scores `(1 - centroid_weight) * mean of its k most similar examples + centroid_weight * centroid
+    similarity` (k is capped at the class's size). `center=True` subtracts the mean example embedding first,
+    which removes the direction every short request shares. `class_margins` are added to the class scores
+    before the argmax. Helping examples (`compliance` / `disallowed_content`) count for whichever helping class
+    the completion labels use.
+    """
 
     name = "embedding"
 
@@ -483,6 +551,11 @@ class EmbeddingClassifier(SafetyClassifier):
         batch_size: int = 16,
         device: str = "auto",
         encoder: Any = None,
+        *,
+        knn_k: int = 0,
+        centroid_weight: float = 0.5,
+        center: bool = False,
+        class_margins: dict[str, float] | None = None,
     ):
         super().__init__(batch_size)
         if encoder is None:
@@ -492,12 +565,39 @@ class EmbeddingClassifier(SafetyClassifier):
                 model or default_embedding_model(), device=resolve_device(device), trust_remote_code=False
             )
         self.encoder = encoder
-        examples = examples or {}
+        self.prompt_labels, self.completion_labels = dict(prompt_labels), dict(completion_labels)
+        self.knn_k, self.centroid_weight, self.center = knn_k, float(centroid_weight), center
+        self.class_margins = dict(class_margins or {})
+        examples = {c: list(t) for c, t in (examples or {}).items()}
+        help_class = next((c for c in completion_labels if c in HELP_CLASSES), None)
+        for c in HELP_CLASSES:
+            if help_class is not None and c != help_class and c in examples:
+                examples.setdefault(help_class, []).extend(examples.pop(c))
+        self.examples = examples
         self._class_texts = {
             "prompt": {c: [t, *examples.get(c, [])] for c, t in prompt_labels.items()},
             "completion": {c: [t, *examples.get(c, [])] for c, t in completion_labels.items()},
         }
         self._centroids: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._fitted: dict[str, tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]] = {}
+        self._example_embeddings: dict[str, np.ndarray] = {}  # shared with `with_examples` copies
+
+    def with_examples(self, examples: dict[str, list[str]]) -> EmbeddingClassifier:
+        """The same encoder, labels and decision rule over other examples (for cross-validation)."""
+        clone = EmbeddingClassifier(
+            None,
+            self.prompt_labels,
+            self.completion_labels,
+            examples,
+            self.batch_size,
+            encoder=self.encoder,
+            knn_k=self.knn_k,
+            centroid_weight=self.centroid_weight,
+            center=self.center,
+            class_margins=self.class_margins,
+        )
+        clone._example_embeddings = self._example_embeddings
+        return clone
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         emb = np.asarray(
@@ -509,18 +609,51 @@ class EmbeddingClassifier(SafetyClassifier):
             )
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
+    def _encode_examples(self, texts: list[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._example_embeddings))
+        if todo:
+            self._example_embeddings.update(zip(todo, self._encode(todo), strict=True))
+        return np.stack([self._example_embeddings[t] for t in texts])
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
     def centroids(self, kind: str) -> tuple[list[str], np.ndarray]:
-        """(classes, unit centroids [n_classes, dim]) for `prompt` or `completion`; encoded once."""
+        """(classes, unit centroids [n_classes, dim]) for `prompt` or `completion`, in the raw embedding space."""
         if kind not in self._centroids:
             classes = list(self._class_texts[kind])
-            rows = [self._encode(self._class_texts[kind][c]).mean(axis=0) for c in classes]
-            c = np.stack(rows)
-            self._centroids[kind] = (classes, c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12))
+            rows = [self._encode_examples(self._class_texts[kind][c]).mean(axis=0) for c in classes]
+            self._centroids[kind] = (classes, self._unit(np.stack(rows)))
         return self._centroids[kind]
 
+    def _fit(self, kind: str) -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]:
+        """(classes, per-class example matrices, unit centroids, mean) in the (optionally centred) space."""
+        if kind not in self._fitted:
+            classes = list(self._class_texts[kind])
+            per_class = [self._encode_examples(self._class_texts[kind][c]) for c in classes]
+            mean = np.concatenate(per_class).mean(axis=0) if self.center else np.zeros(per_class[0].shape[1])
+            per_class = [self._unit(e - mean) for e in per_class]
+            centroids = self._unit(np.stack([e.mean(axis=0) for e in per_class]))
+            self._fitted[kind] = (classes, per_class, centroids, mean)
+        return self._fitted[kind]
+
+    def scores(self, texts: list[str], kind: str) -> tuple[list[str], np.ndarray]:
+        """(classes, scores [len(texts), n_classes]) for `prompt` or `completion` texts, margins included."""
+        classes, per_class, centroids, mean = self._fit(kind)
+        x = self._unit(self._encode(texts) - mean)
+        out = x @ centroids.T
+        if self.knn_k > 0:
+            knn = np.stack(
+                [np.sort(x @ e.T, axis=1)[:, -min(self.knn_k, len(e)) :].mean(axis=1) for e in per_class],
+                axis=1,
+            )
+            out = self.centroid_weight * out + (1.0 - self.centroid_weight) * knn
+        return classes, out + np.array([self.class_margins.get(c, 0.0) for c in classes])
+
     def _nearest(self, texts: list[str], kind: str) -> list[str]:
-        classes, centroids = self.centroids(kind)
-        return self._argmax(self._encode(texts) @ centroids.T, classes)
+        classes, scores = self.scores(texts, kind)
+        return self._argmax(scores, classes)
 
     def _prompt_batch(self, prompts: list[str]) -> list[str]:
         return self._nearest(prompts, "prompt")
@@ -628,11 +761,23 @@ class LLMJudgeClassifier(SafetyClassifier):
 
 
 def _load_examples(path: str) -> dict[str, list[str]]:
+    """Examples by class from {text, label} rows, labelled prompt rows {prompt, category} or labelled
+    completion rows {prompt, completion, label} (the labelled sets of data/safety can serve as examples)."""
     examples: dict[str, list[str]] = {}
     for line_no, row in _read_jsonl(path):
-        text, label = row.get("text"), row.get("label")
+        if "text" in row:
+            text, label = row.get("text"), row.get("label")
+        elif "completion" in row:
+            text, label = row.get("completion"), row.get("label")
+        else:
+            text, label = row.get("prompt"), row.get("category")
         if not isinstance(text, str) or label not in PROMPT_CLASSES + COMPLETION_CLASSES:
-            raise _problem(path, line_no, "expected {'text': str, 'label': <class name>}")
+            raise _problem(
+                path,
+                line_no,
+                "expected {'text': str, 'label': <class>}, {'prompt': str, 'category': <prompt class>} "
+                "or {'prompt': ..., 'completion': str, 'label': <completion class>}",
+            )
         examples.setdefault(label, []).append(text)
     return examples
 
@@ -657,14 +802,9 @@ def build_classifier(config: SafetyConfig) -> SafetyClassifier:
             config.device,
         )
     examples = {c: list(t) for c, t in config.examples.items()}
-    if config.examples_path:
-        for c, texts in _load_examples(config.examples_path).items():
+    for path in config.examples_paths:
+        for c, texts in _load_examples(path).items():
             examples.setdefault(c, []).extend(texts)
-    # A helping example counts for whichever helping class the centroid uses.
-    help_class = next(c for c in completion_labels if c in HELP_CLASSES)
-    for c in HELP_CLASSES:
-        if c != help_class and c in examples:
-            examples.setdefault(help_class, []).extend(examples.pop(c))
     return EmbeddingClassifier(
         config.model_name_or_path,
         prompt_labels,
@@ -672,6 +812,10 @@ def build_classifier(config: SafetyConfig) -> SafetyClassifier:
         examples,
         config.batch_size,
         config.device,
+        knn_k=config.knn_k,
+        centroid_weight=config.centroid_weight,
+        center=config.center_embeddings,
+        class_margins=config.class_margins,
     )
 
 
