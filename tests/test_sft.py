@@ -89,3 +89,10 @@ def test_sft_refuses_bad_data_before_loading_a_model(tmp_path, monkeypatch):
 
     with pytest.raises(DataError, match=f"{bad}:1: messages: conversation has no assistant turn"):
         main(config)
+
+
+def test_sft_with_packing_trains_on_the_assistant_labels(tmp_path, tiny_model_dir):
+    config = sft_config(tmp_path, tiny_model_dir, packing="true", max_steps=6, save_strategy="no")
+    metrics = main(config)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert read_manifest(config.output_dir, "sft")["config"]["packing"] is True
