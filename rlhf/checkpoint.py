@@ -214,6 +214,14 @@ def read_manifest(output_dir: str | Path, stage: str | None = None, verify: bool
     return manifest
 
 
+def stage_manifest(path: str | Path, stage: str | None = None) -> dict[str, Any] | None:
+    """A local stage output given as a start model must be complete and unchanged; a hub name or plain model
+    directory (no manifest, no config.yaml) has none."""
+    if (Path(path) / MANIFEST).is_file() or (Path(path) / "config.yaml").is_file():
+        return read_manifest(path, stage)
+    return None
+
+
 def check_tokenizer_matches(manifest: dict[str, Any], tokenizer, where: str) -> None:
     """Refuse a tokenizer that differs from the one the previous stage trained with."""
     expected = manifest.get("tokenizer")

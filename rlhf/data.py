@@ -60,6 +60,12 @@ class Problem:
         return f"{self.path}:{self.line}: {self.message}"
 
 
+def problem_at(row: dict[str, Any], message: str) -> Problem:
+    """A problem located by a loaded row's `source` ("PATH:LINE")."""
+    path, _, line = row["source"].rpartition(":")
+    return Problem(path, int(line), message)
+
+
 class DataError(Exception):
     """Bad input. Carries every problem found so the user fixes them in one pass."""
 
@@ -561,17 +567,13 @@ def tokenize_demonstrations(
         try:
             encoded, reason = tokenize_demonstration(tokenizer, row["messages"], max_length, overflow)
         except RowError as err:
-            path, _, line = row["source"].rpartition(":")
-            problems.append(Problem(path, int(line), str(err)))
+            problems.append(problem_at(row, str(err)))
             continue
         if reason == "truncated":
             report.truncated += 1
         elif encoded is None:
             if reason.startswith("no trainable") and on_empty == "error":
-                path, _, line = row["source"].rpartition(":")
-                problems.append(
-                    Problem(path, int(line), f"messages: {reason} (set on_empty_mask: drop to skip)")
-                )
+                problems.append(problem_at(row, f"messages: {reason} (set on_empty_mask: drop to skip)"))
             report.drop(reason)
             continue
         out.append(encoded)

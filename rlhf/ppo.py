@@ -40,10 +40,18 @@ from rlhf.checkpoint import (
     read_manifest,
     resolve_resume,
     rotate_checkpoints,
+    stage_manifest,
     write_manifest,
 )
 from rlhf.config import config_to_dict, dump_config, parse_config
-from rlhf.data import content_hash, load_demonstrations, load_prompts, render_prompt, tokenize_demonstrations
+from rlhf.data import (
+    Report,
+    content_hash,
+    load_demonstrations,
+    load_prompts,
+    render_prompt,
+    tokenize_demonstrations,
+)
 from rlhf.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -263,8 +271,9 @@ class PromptSet:
         return order[start : start + size]
 
 
-def load_prompt_set(config: PPOStageConfig, tokenizer) -> tuple[PromptSet, dict[str, int]]:
-    rows, report = load_prompts(config.train_data)
+def load_prompt_set(
+    config: PPOStageConfig, tokenizer, rows: list[dict[str, Any]], report: Report
+) -> tuple[PromptSet, dict[str, int]]:
     ids, kept = [], []
     for row in rows:
         encoded = tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
@@ -815,10 +824,9 @@ def build_trainer(config: PPOStageConfig) -> Trainer:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    prompts_rows_check = load_prompts(config.train_data)  # validate before any model loads
-    del prompts_rows_check
+    prompt_rows, prompt_report = load_prompts(config.train_data)  # validated before any model loads
     ptx_rows = load_demonstrations(config.ptx_data)[0] if config.ptx_coef > 0 else None
-    policy_manifest = _stage_manifest(config.policy_model, "sft")
+    policy_manifest = stage_manifest(config.policy_model, "sft")
     tokenizer = load_tokenizer(config.policy_model, config.trust_remote_code, padding_side="left")
     if policy_manifest:
         from rlhf.checkpoint import check_tokenizer_matches
@@ -827,7 +835,7 @@ def build_trainer(config: PPOStageConfig) -> Trainer:
         check_tokenizer_matches(policy_manifest, tokenizer, config.policy_model)
     if config.reward_model:
         read_manifest(config.reward_model, "reward")
-    prompts, drops = load_prompt_set(config, tokenizer)
+    prompts, drops = load_prompt_set(config, tokenizer, prompt_rows, prompt_report)
     if drops:
         log.warning("prompts dropped: %s", drops)
 
@@ -865,28 +873,13 @@ def build_trainer(config: PPOStageConfig) -> Trainer:
         else FixedKLController(config.kl_coef)
     )
     ptx = (
-        tokenize_demonstrations(tokenizer, ptx_rows, 512, "truncate", "drop", _report()) if ptx_rows else None
+        tokenize_demonstrations(tokenizer, ptx_rows, 512, "truncate", "drop", Report()) if ptx_rows else None
     )
     with frozen_loading(accelerator):
         sources = build_reward_sources(config, accelerator.device)
     return Trainer(
         config, accelerator, tokenizer, model, reference, optimizer, scheduler, kl_ctl, sources, prompts, ptx
     )
-
-
-def _report():
-    from rlhf.data import Report
-
-    return Report()
-
-
-def _stage_manifest(path: str, stage: str) -> dict | None:
-    """A local stage output must be complete and unchanged; a hub model or plain directory has no manifest."""
-    if os.path.isdir(path) and (Path(path) / "config.yaml").exists():
-        return read_manifest(path, stage)
-    if os.path.isfile(Path(path) / "manifest.json"):
-        return read_manifest(path, stage)
-    return None
 
 
 def main(config: PPOStageConfig) -> dict[str, Any]:

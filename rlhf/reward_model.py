@@ -26,9 +26,9 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from rlhf.checkpoint import read_manifest, resolve_resume
+from rlhf.checkpoint import resolve_resume, stage_manifest
 from rlhf.config import parse_config
-from rlhf.data import Report, content_hash, load_preferences, load_prompts
+from rlhf.data import DataError, Report, content_hash, load_preferences, load_prompts, problem_at
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import load_scalar_model, load_tokenizer
 from rlhf.rewards import Normalizer, RewardModelScorer, encode_for_scoring, reward_text, score_ids
@@ -200,8 +200,7 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
         train_pairs, eval_pairs = split_eval(
             train_pairs, config.eval_fraction, config.seed, key=lambda p: p["group"]
         )
-    if config.model_name_or_path and (config.model_name_or_path.rstrip("/") + "/manifest.json"):
-        _check_start_model(config.model_name_or_path)
+    stage_manifest(config.model_name_or_path)  # a stage output as start model must be finished, intact
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train_rows = encode_pairs(tokenizer, train_pairs, config, report)
     eval_report = Report(rows=len(eval_pairs))
@@ -240,7 +239,7 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
         trainer,
         run,
         tokenizer,
-        {**content_hash(config.train_data), **content_hash(config.eval_data)},
+        content_hash(config.train_data + config.eval_data),
         merge_lora=config.merge_lora,
         extra={
             "normalization": {
@@ -254,16 +253,6 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     return run.metrics
 
 
-def _check_start_model(path: str) -> None:
-    """A stage output given as the start model must be a finished one (its manifest verifies)."""
-    import os
-
-    if os.path.isfile(os.path.join(path, "manifest.json")) or os.path.isfile(
-        os.path.join(path, "config.yaml")
-    ):
-        read_manifest(path)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # `rlhf reward score`
 
@@ -273,28 +262,15 @@ def score_file(
 ) -> list[dict[str, Any]]:
     """Score prompt/response rows (or prompt + responses list) -> JSONL rows with raw and normalised scores."""
     rows, _ = load_prompts(data_path)
-    problems = [r["source"] for r in rows if "response" not in r and "responses" not in r]
-    if problems:
-        from rlhf.data import DataError, Problem
-
-        raise DataError(
-            [
-                Problem(
-                    *s.rsplit(":", 1)[:1],
-                    int(s.rsplit(":", 1)[1]),
-                    "response: missing required field (or 'responses')",
-                )
-                for s in problems
-            ]
-        )
+    missing = [r for r in rows if "response" not in r and "responses" not in r]
+    if missing:
+        raise DataError([problem_at(r, "response: missing required field (or 'responses')") for r in missing])
     scorer = RewardModelScorer(model_path, batch_size=batch_size)
-    prompts, completions, owners = [], [], []
-    for index, row in enumerate(rows):
-        answers = row["responses"] if "responses" in row else [row["response"]]
-        for answer in answers:
+    prompts, completions = [], []
+    for row in rows:
+        for answer in row["responses"] if "responses" in row else [row["response"]]:
             prompts.append(row["prompt"])
             completions.append(answer)
-            owners.append(index)
     raw = scorer.raw_scores(prompts, completions)
     normalised = scorer.normalizer(raw)
     out = []

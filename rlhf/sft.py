@@ -132,13 +132,15 @@ def main(config: SFTStageConfig) -> dict:
         dropped=report.drops,
         truncated=report.truncated,
     )
-    finish_output(trainer, run, tokenizer, {**_hashes(config)}, merge_lora=config.merge_lora)
+    finish_output(
+        trainer,
+        run,
+        tokenizer,
+        content_hash(config.train_data + config.eval_data),
+        merge_lora=config.merge_lora,
+    )
     log.warning("SFT done: eval loss %.4f -> %.4f", before, after)
     return run.metrics
-
-
-def _hashes(config: SFTStageConfig) -> dict[str, str]:
-    return {**content_hash(config.train_data), **content_hash(config.eval_data)}
 
 
 def cli(argv: list[str] | None = None) -> int:
