@@ -92,6 +92,15 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def by_category(rows: list[dict], scores: list[float]) -> dict[str, float]:
+    """Mean score per prompt `category` (rows without one are left out): shows where a change came from."""
+    groups: dict[str, list[float]] = {}
+    for row, score in zip(rows, scores, strict=True):
+        if row.get("category"):
+            groups.setdefault(row["category"], []).append(score)
+    return {category: mean(values) for category, values in sorted(groups.items())}
+
+
 @dataclass
 class Judges:
     """The scorers evaluation uses; each is optional."""
@@ -119,6 +128,7 @@ def policy_metrics(
     if judges.gold is not None:
         per_prompt["gold"] = list(judges.gold(prompts, answers.completions))
         metrics["gold_score"] = mean(per_prompt["gold"])
+        metrics["gold_score_by_category"] = by_category(rows, per_prompt["gold"])
     if judges.safety is not None:
         from rlhf.safety import safety_rates
 

@@ -120,6 +120,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {key} | {fmt(sft.get(key))} | {fmt(ppo.get(key))} | {report['verdicts'].get(key, '')} |"
         )
+    sft_groups, ppo_groups = sft.get("gold_score_by_category") or {}, ppo.get("gold_score_by_category") or {}
+    if ppo_groups:
+        lines += ["", "Gold score by prompt category:", "", "| category | SFT | PPO |", "|---|---|---|"]
+        lines += [f"| {c} | {fmt(sft_groups.get(c))} | {fmt(v)} |" for c, v in ppo_groups.items()]
     worse = [k for k, v in report["verdicts"].items() if v.startswith("NOT")]
     lines += [
         "",

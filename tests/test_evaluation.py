@@ -7,12 +7,21 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from rlhf.evaluation import EvalSettings, evaluate, win_rate
+from rlhf.evaluation import EvalSettings, by_category, evaluate, win_rate
 from rlhf.report import markdown, verdicts
 
 
 def test_win_rate_counts_ties_half():
     assert win_rate([1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 0.5, 1.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_gold_score_by_category_averages_within_each_category():
+    rows = [{"category": "allowed"}, {"category": "disallowed"}, {"category": "allowed"}, {"prompt": "no class"}]
+    assert by_category(rows, [1.0, 0.0, 0.5, 9.0]) == {"allowed": 0.75, "disallowed": 0.0}
+    sft = {"gold_score": 0.5, "gold_score_by_category": {"allowed": 0.25}}
+    ppo = {"gold_score": 0.6, "gold_score_by_category": {"allowed": 0.75}}
+    report = {"stages": {}, "eval": {"sft": sft, "ppo": ppo}, "verdicts": verdicts(sft, ppo), "samples": []}
+    assert "| allowed | 0.250 | 0.750 |" in markdown(report)
 
 
 def test_verdicts_say_when_ppo_did_not_improve():
@@ -45,4 +54,5 @@ def test_a_policy_evaluated_against_itself_has_zero_kl_and_even_win_rate(tmp_pat
     assert policy["win_rate_gold"] == 0.5
     assert 0.0 <= policy["disallowed_compliance_rate"] <= 1.0 and policy["response_length"] > 0
     assert results["samples"] and {"prompt", "policy", "reference"} <= set(results["samples"][0])
+    assert set(policy["gold_score_by_category"]) == {"allowed", "disallowed"}
     json.dumps(results)  # the report is JSON-serialisable
