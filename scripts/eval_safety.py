@@ -7,12 +7,16 @@
     HF_HUB_OFFLINE=1 python -m scripts.eval_safety --tune [--configs configs/safety/embedding.yaml]
 
 Two sets, two protocols:
-- labelled (data/safety/labelled_*.jsonl): the set the backends were built on. `rules` is measured
-  in-sample (its rubric was written on this set). An `embedding` config whose `examples_path` lists a labelled
+- labelled (data/safety/labelled_*.jsonl): the set the backends were built on. Rows without a `source`
+  are the ones the `rules` rubric was written on; rows with `source: heldout-v1` were the first held-out
+  set (measured once, then folded in as training examples when a new held-out set was written) and rows
+  with `source: added-2026-12` were written later as more training examples. `rules` is measured on all of
+  them (in-sample for the first 147 prompts and 69 completions). An `embedding` config whose `examples_path` lists a labelled
   file is measured by stratified k-fold cross-validation: each fold is classified with that file's other
   folds as examples (plus the config's own examples), never with itself.
-- held-out (data/safety/heldout_*.jsonl): written by hand after the labelled set with different topics and
-  wording, frozen before any tuning, and never used to choose a pattern, example or parameter. Classified by
+- held-out (data/safety/heldout_*.jsonl, 108 prompts and 54 completions): written by hand after the labelled
+  set with different topics and wording, committed before any tuning, and never used to choose a pattern,
+  example or parameter. Classified by
   the configured backend as it ships (all examples).
 
 Per set: precision / recall per prompt class, the share of allowed (and of sensitive) prompts flagged
@@ -20,7 +24,8 @@ disallowed, and completion-class accuracy (prompt classes from the dataset's cat
 per-class figures. `summary` condenses these; `target` says which backend meets "disallowed recall >= 0.9 with
 at most 0.1 of allowed prompts flagged disallowed" on the held-out set.
 
-`--tune` sweeps the embedding decision rule (knn_k, centroid_weight, center_embeddings, the disallowed margin)
+`--tune` sweeps the embedding decision rule (similarity: knn_k, centroid_weight; logistic: logistic_l2; both:
+center_embeddings and the disallowed margin)
 by repeated stratified k-fold CV on the labelled set only (the held-out files are not read) and prints the
 grid and the setting it picks: the smallest shortfall from the target, ties to the higher prompt accuracy.
 (Run from the repository root with `-m`, or with the package installed, so `rlhf` imports.)
@@ -128,7 +133,7 @@ def labelled_predictions(
     """Predictions on the labelled set with the right protocol for the backend (see the module doc)."""
     prompt_rows, completion_rows = sets["prompts"], sets["completions"]
     if isinstance(clf, RulesClassifier):
-        note = "in-sample: the rubric was written on this set"
+        note = "in-sample: the rubric was written on this set (its rows without a `source`)"
         return (
             clf.classify_prompts([r["prompt"] for r in prompt_rows]),
             _predict_completions(clf, completion_rows),
@@ -288,24 +293,32 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
     texts, gold = [r["prompt"] for r in rows], [r["category"] for r in rows]
     c_rows = sets["labelled"]["completions"]
     seeds = list(range(args.seed, args.seed + args.tune_repeats))
-    margins = [round(0.01 * i, 2) for i in range(0, 9)]
+    similarity_margins = [round(0.01 * i, 2) for i in range(0, 9)]
+    logistic_margins = [round(0.125 * i, 3) for i in range(0, 17)]  # log-probability units
+    candidates = [
+        {"rule": "similarity", "knn_k": k, "centroid_weight": w if k else 1.0, "center": c, "l2": None}
+        for k, w, c in itertools.product([0, 1, 3, 5, 7, 10], [0.0, 0.25, 0.5, 0.75], [False, True])
+        if k or w == 0.0  # nearest centroid has no weight to set
+    ] + [
+        {"rule": "logistic", "knn_k": 0, "centroid_weight": 1.0, "center": c, "l2": l2}
+        for l2, c in itertools.product([0.0003, 0.001, 0.003, 0.01, 0.03], [False, True])
+    ]
     grid = []
-    for knn_k, weight, center in itertools.product(
-        [0, 1, 3, 5, 7, 10], [0.0, 0.25, 0.5, 0.75], [False, True]
-    ):
-        if knn_k == 0 and weight != 0.0:
-            continue  # nearest centroid has no weight to set
+    for cand in candidates:
         proto = EmbeddingClassifier(
             None,
             clf.prompt_labels,
             clf.completion_labels,
             {},
             encoder=clf.encoder,
-            knn_k=knn_k,
-            centroid_weight=weight if knn_k else 1.0,
-            center=center,
+            knn_k=cand["knn_k"],
+            centroid_weight=cand["centroid_weight"],
+            center=cand["center"],
+            rule=cand["rule"],
+            l2=cand["l2"] or 0.01,
         )
         proto._example_embeddings = clf._example_embeddings
+        margins = logistic_margins if cand["rule"] == "logistic" else similarity_margins
         per_margin = {m: [] for m in margins}
         for seed in seeds:
             folds = stratified_folds(gold, args.folds, seed)
@@ -347,9 +360,11 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
             flagged = float(np.mean([x["allowed_flagged_disallowed"] for x in ms]))
             grid.append(
                 {
-                    "knn_k": knn_k,
-                    "centroid_weight": weight if knn_k else 1.0,
-                    "center_embeddings": center,
+                    "embedding_rule": cand["rule"],
+                    "logistic_l2": cand["l2"],
+                    "knn_k": cand["knn_k"],
+                    "centroid_weight": cand["centroid_weight"],
+                    "center_embeddings": cand["center"],
                     "disallowed_margin": m,
                     "disallowed_recall": round(recall, 4),
                     "allowed_flagged": round(flagged, 4),

@@ -32,6 +32,7 @@ from rlhf.safety import (  # noqa: E402
     build_classifier,
     classification_report,
     cli,
+    fit_logistic,
     load_rubric,
     read_labelled,
     safety_rates,
@@ -168,19 +169,19 @@ def test_labelled_sets_are_big_and_balanced():
 
 
 def test_heldout_sets_parse_and_have_the_stated_counts():
-    """The frozen held-out set: >= 90 prompts (~30 per class) and >= 40 completions, none from the labelled set."""
+    """The frozen held-out set: 108 prompts (36 per class) and 54 completions, none from the labelled set."""
     mode, prompts = read_labelled(HELDOUT_PROMPTS)
     assert mode == "prompts"
     counts = Counter(r["category"] for r in prompts)
-    assert counts == {"disallowed": 32, "sensitive": 32, "allowed": 32}
-    assert len({r["prompt"] for r in prompts}) == len(prompts) == 96
+    assert counts == {"disallowed": 36, "sensitive": 36, "allowed": 36}
+    assert len({r["prompt"] for r in prompts}) == len(prompts) == 108
     mode, completions = read_labelled(HELDOUT_COMPLETIONS)
-    assert mode == "completions" and len(completions) == 46
+    assert mode == "completions" and len(completions) == 54
     assert Counter(r["label"] for r in completions) == {
-        "ideal_refusal": 12,
-        "undesired_refusal": 11,
-        "disallowed_content": 11,
-        "compliance": 12,
+        "ideal_refusal": 13,
+        "undesired_refusal": 13,
+        "disallowed_content": 10,
+        "compliance": 18,
     }
     held_prompts = {r["prompt"] for r in prompts}
     assert all(r["prompt"] in held_prompts and r["category"] for r in completions)
@@ -193,8 +194,13 @@ def test_heldout_sets_parse_and_have_the_stated_counts():
     assert not {r["completion"] for r in completions} & {r["completion"] for r in labelled_completions}
 
 
+def rubric_rows(path: Path) -> list[dict]:
+    """The labelled rows the rubric was written on (rows from the first held-out set carry a `source`)."""
+    return [r for r in read_labelled(path)[1] if "source" not in r]
+
+
 def test_rules_rubric_on_labelled_prompts(rules):
-    _, rows = read_labelled(PROMPTS)
+    rows = rubric_rows(PROMPTS)
     gold = [r["category"] for r in rows]
     pred = rules.classify_prompts([r["prompt"] for r in rows])
     report = classification_report(gold, pred, PROMPT_CLASSES)
@@ -207,7 +213,7 @@ def test_rules_rubric_on_labelled_prompts(rules):
 
 
 def test_rules_rubric_on_labelled_completions(rules):
-    _, rows = read_labelled(COMPLETIONS)
+    rows = rubric_rows(COMPLETIONS)
     pred = rules.classify_completions(
         [r["prompt"] for r in rows], [r["completion"] for r in rows], [r["category"] for r in rows]
     )
@@ -445,6 +451,52 @@ def test_embedding_backend_separates_refusals_from_answers(minilm_dir):
     )
     assert refusal_margin[:4].min() > refusal_margin[4:].max()
     assert reward(["q"] * 2, [refusals[0], answers[0]], categories=["allowed"] * 2) == [-1.0, 1.0]
+
+
+def test_fit_logistic_reaches_the_optimum_of_its_objective():
+    """At the returned (W, b) the gradient of the class-balanced, L2-penalised loss (written out here) is ~0."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.array([0] * 20 + [1] * 7 + [2] * 3)  # imbalanced on purpose
+    l2 = 0.05
+    weights, bias = fit_logistic(x, y, 3, l2, steps=5000)
+    w = np.array([1 / 20] * 20 + [1 / 7] * 7 + [1 / 3] * 3)
+    w /= w.sum()
+    grad_w, grad_b = l2 * weights, np.zeros(3)
+    for xi, yi, wi in zip(x, y, w, strict=True):
+        z = xi @ weights + bias
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        p[yi] -= 1.0
+        grad_w += wi * np.outer(xi, p)
+        grad_b += wi * p
+    assert np.abs(grad_w).max() < 1e-6 and np.abs(grad_b).max() < 1e-6
+    plain = fit_logistic(x, np.zeros(30, dtype=int), 1, l2, steps=10)
+    assert np.allclose(plain[0], 0) and np.allclose(plain[1], 0)  # one class: nothing to learn
+
+
+def test_logistic_embedding_rule_learns_the_separating_direction():
+    """Two classes that differ only along one axis, with a shared offset: the probe finds the axis."""
+
+    class AxisEncoder:
+        def encode(self, texts, batch_size=32, show_progress_bar=False):
+            return np.array([[1.0, 0.3 if "bad" in t else -0.3, 0.01 * len(t)] for t in texts])
+
+    examples = {
+        "disallowed": ["bad one", "bad two", "bad three", "very bad"],
+        "allowed": ["ok one", "ok two", "fine three", "good four"],
+        "sensitive": ["care one", "careful"],
+    }
+    clf = EmbeddingClassifier(
+        None, PROMPT_LABELS, COMPLETION_LABELS, examples, encoder=AxisEncoder(), rule="logistic", center=True
+    )
+    assert clf.classify_prompts(["so bad", "all ok"]) == ["disallowed", "allowed"]
+    classes, scores = clf.scores(["so bad"], "prompt")
+    assert np.allclose(np.exp(scores).sum(axis=1), 1.0)  # log-probabilities
+    with pytest.raises(ValueError, match="embedding_rule"):
+        SafetyConfig(classifier="embedding", embedding_rule="svm")
+    with pytest.raises(ValueError, match="logistic_l2"):
+        SafetyConfig(classifier="embedding", logistic_l2=0)
 
 
 def test_knn_embedding_with_real_minilm_separates_obvious_prompts(minilm_dir):
