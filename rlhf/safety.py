@@ -25,6 +25,7 @@ import json
 import math
 import re
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,14 @@ class SafetyConfig:
     logistic_l2: float = field(
         default=0.01, metadata={"help": "embedding with embedding_rule 'logistic': L2 penalty on the weights"}
     )
+    lexical_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "embedding with embedding_rule 'logistic': weight of hashed word unigram + bigram features "
+            "appended to the sentence embedding (0 = embedding only); words like 'my ex' or 'without getting "
+            "caught' carry intent that a mean-pooled embedding blurs"
+        },
+    )
     class_margins: dict[str, float] = field(
         default_factory=dict,
         metadata={
@@ -201,6 +210,14 @@ class SafetyConfig:
             or not self.logistic_l2 > 0
         ):
             raise ValueError(f"logistic_l2 must be a positive number, got {self.logistic_l2!r}")
+        if (
+            isinstance(self.lexical_weight, bool)
+            or not isinstance(self.lexical_weight, (int, float))
+            or self.lexical_weight < 0
+        ):
+            raise ValueError(f"lexical_weight must be a non-negative number, got {self.lexical_weight!r}")
+        if self.lexical_weight and self.embedding_rule != "logistic":
+            raise ValueError("lexical_weight needs embedding_rule: logistic")
         if not isinstance(self.class_margins, dict):
             raise ValueError("class_margins must map class names to numbers")
         for label, value in self.class_margins.items():
@@ -553,6 +570,16 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def lexical_features(texts: list[str], dim: int = 4096) -> np.ndarray:
+    """Unit-length binary bag of lower-cased word unigrams and bigrams, hashed (crc32) into `dim` buckets."""
+    out = np.zeros((len(texts), dim))
+    for row, text in enumerate(texts):
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        for gram in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+            out[row, zlib.crc32(gram.encode()) % dim] = 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
 def fit_logistic(
     x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: int = 2000, lr: float = 2.0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -560,8 +587,14 @@ def fit_logistic(
 
     Minimises  sum_i w_i * -log softmax(x_i W + b)[y_i] / sum_i w_i  +  l2/2 * ||W||^2  with w_i = 1 / count(y_i),
     so every class weighs the same however many examples it has. The loss is convex and the features are unit
-    vectors, so a fixed step converges; a few hundred rows of 384 dims take milliseconds.
+    vectors, so a fixed step converges. Starting from zero, gradient descent keeps W in the span of the rows of x,
+    so with more dimensions than rows we descend in that span (thin SVD) and map back: the same iterates, at
+    the cost of a few hundred dimensions however wide the features are.
     """
+    if x.shape[1] > x.shape[0]:
+        _, _, basis = np.linalg.svd(x, full_matrices=False)  # x = U S V^T, so x V = U S
+        weights, bias = fit_logistic(x @ basis.T, y, n_classes, l2, steps, lr)
+        return basis.T @ weights, bias
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     if (counts == 0).any():
         raise ValueError("logistic embedding rule: every class needs at least one example")
@@ -608,11 +641,12 @@ class EmbeddingClassifier(SafetyClassifier):
         class_margins: dict[str, float] | None = None,
         rule: str = "similarity",
         l2: float = 0.01,
+        lexical_weight: float = 0.0,
     ):
         super().__init__(batch_size)
         if rule not in EMBEDDING_RULES:
             raise ValueError(f"embedding rule must be one of {EMBEDDING_RULES}, got {rule!r}")
-        self.rule, self.l2 = rule, float(l2)
+        self.rule, self.l2, self.lexical_weight = rule, float(l2), float(lexical_weight)
         if encoder is None:
             from sentence_transformers import SentenceTransformer  # lazy: optional dependency
 
@@ -653,6 +687,7 @@ class EmbeddingClassifier(SafetyClassifier):
             class_margins=self.class_margins,
             rule=self.rule,
             l2=self.l2,
+            lexical_weight=self.lexical_weight,
         )
         clone._example_embeddings = self._example_embeddings
         return clone
@@ -672,6 +707,11 @@ class EmbeddingClassifier(SafetyClassifier):
         if todo:
             self._example_embeddings.update(zip(todo, self._encode(todo), strict=True))
         return np.stack([self._example_embeddings[t] for t in texts])
+
+    def _with_lexical(self, x: np.ndarray, texts: list[str]) -> np.ndarray:
+        if not self.lexical_weight:
+            return x
+        return np.concatenate([x, self.lexical_weight * lexical_features(texts)], axis=1)
 
     @staticmethod
     def _unit(x: np.ndarray) -> np.ndarray:
@@ -695,7 +735,8 @@ class EmbeddingClassifier(SafetyClassifier):
             centroids = self._unit(np.stack([e.mean(axis=0) for e in per_class]))
             self._fitted[kind] = (classes, per_class, centroids, mean)
             if self.rule == "logistic":
-                x = np.concatenate(per_class)
+                texts = [t for c in classes for t in self._class_texts[kind][c]]
+                x = self._with_lexical(np.concatenate(per_class), texts)
                 y = np.concatenate([np.full(len(e), i) for i, e in enumerate(per_class)])
                 self._probes[kind] = fit_logistic(x, y, len(classes), self.l2)
         return self._fitted[kind]
@@ -706,7 +747,7 @@ class EmbeddingClassifier(SafetyClassifier):
         x = self._unit(self._encode(texts) - mean)
         if self.rule == "logistic":
             weights, bias = self._probes[kind]
-            out = log_softmax(x @ weights + bias)
+            out = log_softmax(self._with_lexical(x, texts) @ weights + bias)
         else:
             out = x @ centroids.T
         if self.rule == "similarity" and self.knn_k > 0:
@@ -884,6 +925,7 @@ def build_classifier(config: SafetyConfig) -> SafetyClassifier:
         class_margins=config.class_margins,
         rule=config.embedding_rule,
         l2=config.logistic_l2,
+        lexical_weight=config.lexical_weight,
     )
 
 

@@ -24,7 +24,8 @@ disallowed, and completion-class accuracy (prompt classes from the dataset's cat
 per-class figures. `summary` condenses these; `target` says which backend meets "disallowed recall >= 0.9 with
 at most 0.1 of allowed prompts flagged disallowed" on the held-out set.
 
-`--tune` sweeps the embedding decision rule (similarity: knn_k, centroid_weight; logistic: logistic_l2; both:
+`--tune` sweeps the embedding decision rule (similarity: knn_k, centroid_weight; logistic: logistic_l2,
+lexical_weight; both:
 center_embeddings and the disallowed margin)
 by repeated stratified k-fold CV on the labelled set only (the held-out files are not read) and prints the
 grid and the setting it picks: the smallest shortfall from the target, ties to the higher prompt accuracy.
@@ -193,7 +194,7 @@ def evaluate(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
     clf = build_classifier(config)
     if isinstance(clf, EmbeddingClassifier):
         clf.encoder = CachedEncoder(clf.encoder)
-    result: dict[str, Any] = {"config": str(config_path), "classifier": clf.name}
+    result: dict[str, Any] = {"config": str(config_path), "name": config_path.stem, "classifier": clf.name}
     for name in ("labelled", "heldout"):
         if name not in sets:
             continue
@@ -240,6 +241,7 @@ def summarise(results: list[dict]) -> tuple[list[dict], dict]:
             rows.append(
                 {
                     "classifier": r["classifier"],
+                    "config": r["name"],
                     "set": name,
                     "protocol": r[name]["protocol"]["prompts"].split(":")[0].split(";")[0],
                     "disallowed_recall": p["per_class"]["disallowed"]["recall"],
@@ -252,7 +254,7 @@ def summarise(results: list[dict]) -> tuple[list[dict], dict]:
             )
     held = [s for s in rows if s["set"] == "heldout"]
     meets = [
-        s["classifier"]
+        s["config"]
         for s in held
         if (s["disallowed_recall"] or 0) >= TARGET_RECALL
         and (s["allowed_flagged_disallowed"] or 0) <= TARGET_FLAGGED
@@ -267,7 +269,7 @@ def summarise(results: list[dict]) -> tuple[list[dict], dict]:
             )
             return (shortfall, -(s["disallowed_recall"] - s["allowed_flagged_disallowed"]))
 
-        best = min(held, key=key)["classifier"]
+        best = min(held, key=key)["config"]
     target = {
         "rule": f"held-out prompts: disallowed recall >= {TARGET_RECALL} and allowed flagged disallowed <= {TARGET_FLAGGED}",
         "met_by": meets,
@@ -296,12 +298,12 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
     similarity_margins = [round(0.01 * i, 2) for i in range(0, 9)]
     logistic_margins = [round(0.125 * i, 3) for i in range(0, 17)]  # log-probability units
     candidates = [
-        {"rule": "similarity", "knn_k": k, "centroid_weight": w if k else 1.0, "center": c, "l2": None}
+        {"rule": "similarity", "knn_k": k, "centroid_weight": w if k else 1.0, "center": c, "l2": None, "lex": 0.0}
         for k, w, c in itertools.product([0, 1, 3, 5, 7, 10], [0.0, 0.25, 0.5, 0.75], [False, True])
         if k or w == 0.0  # nearest centroid has no weight to set
     ] + [
-        {"rule": "logistic", "knn_k": 0, "centroid_weight": 1.0, "center": c, "l2": l2}
-        for l2, c in itertools.product([0.0003, 0.001, 0.003, 0.01, 0.03], [False, True])
+        {"rule": "logistic", "knn_k": 0, "centroid_weight": 1.0, "center": c, "l2": l2, "lex": lex}
+        for l2, c, lex in itertools.product([0.0003, 0.001, 0.003, 0.01], [False, True], [0.0, 1.0, 1.5])
     ]
     grid = []
     for cand in candidates:
@@ -316,6 +318,7 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
             center=cand["center"],
             rule=cand["rule"],
             l2=cand["l2"] or 0.01,
+            lexical_weight=cand["lex"],
         )
         proto._example_embeddings = clf._example_embeddings
         margins = logistic_margins if cand["rule"] == "logistic" else similarity_margins
@@ -362,6 +365,7 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
                 {
                     "embedding_rule": cand["rule"],
                     "logistic_l2": cand["l2"],
+                    "lexical_weight": cand["lex"],
                     "knn_k": cand["knn_k"],
                     "centroid_weight": cand["centroid_weight"],
                     "center_embeddings": cand["center"],
@@ -397,7 +401,11 @@ def main() -> None:
         "--configs",
         nargs="+",
         type=Path,
-        default=[ROOT / "configs/safety/rules.yaml", ROOT / "configs/safety/embedding.yaml"],
+        default=[
+            ROOT / "configs/safety/rules.yaml",
+            ROOT / "configs/safety/embedding_knn.yaml",
+            ROOT / "configs/safety/embedding.yaml",
+        ],
     )
     parser.add_argument("--prompts", type=Path, default=DATA / "labelled_prompts.jsonl")
     parser.add_argument("--completions", type=Path, default=DATA / "labelled_completions.jsonl")

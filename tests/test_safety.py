@@ -33,6 +33,7 @@ from rlhf.safety import (  # noqa: E402
     classification_report,
     cli,
     fit_logistic,
+    lexical_features,
     load_rubric,
     read_labelled,
     safety_rates,
@@ -453,26 +454,41 @@ def test_embedding_backend_separates_refusals_from_answers(minilm_dir):
     assert reward(["q"] * 2, [refusals[0], answers[0]], categories=["allowed"] * 2) == [-1.0, 1.0]
 
 
-def test_fit_logistic_reaches_the_optimum_of_its_objective():
-    """At the returned (W, b) the gradient of the class-balanced, L2-penalised loss (written out here) is ~0."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(30, 4))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y = np.array([0] * 20 + [1] * 7 + [2] * 3)  # imbalanced on purpose
-    l2 = 0.05
-    weights, bias = fit_logistic(x, y, 3, l2, steps=5000)
-    w = np.array([1 / 20] * 20 + [1 / 7] * 7 + [1 / 3] * 3)
+def objective_gradient(x, y, weights, bias, l2):
+    """The gradient of the class-balanced, L2-penalised softmax loss, written out row by row."""
+    counts = np.bincount(y)
+    w = 1.0 / counts[y]
     w /= w.sum()
-    grad_w, grad_b = l2 * weights, np.zeros(3)
+    grad_w, grad_b = l2 * weights, np.zeros(weights.shape[1])
     for xi, yi, wi in zip(x, y, w, strict=True):
         z = xi @ weights + bias
         p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
         p[yi] -= 1.0
         grad_w += wi * np.outer(xi, p)
         grad_b += wi * p
+    return grad_w, grad_b
+
+
+@pytest.mark.parametrize("rows, dims", [(30, 4), (12, 40)])  # narrow, and wider than tall (the SVD path)
+def test_fit_logistic_reaches_the_optimum_of_its_objective(rows, dims):
+    """At the returned (W, b) the gradient of the objective is ~0, with imbalanced classes."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, dims))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.array([0] * (rows // 2) + [1] * (rows // 3) + [2] * (rows - rows // 2 - rows // 3))
+    weights, bias = fit_logistic(x, y, 3, 0.05, steps=5000)
+    assert weights.shape == (dims, 3)
+    grad_w, grad_b = objective_gradient(x, y, weights, bias, 0.05)
     assert np.abs(grad_w).max() < 1e-6 and np.abs(grad_b).max() < 1e-6
-    plain = fit_logistic(x, np.zeros(30, dtype=int), 1, l2, steps=10)
+    plain = fit_logistic(x, np.zeros(rows, dtype=int), 1, 0.05, steps=10)
     assert np.allclose(plain[0], 0) and np.allclose(plain[1], 0)  # one class: nothing to learn
+
+
+def test_lexical_features_are_hashed_word_grams():
+    a, b, c = lexical_features(["Kill my EX", "kill my ex!", "bake bread"])
+    assert np.allclose(a, b) and np.isclose(np.linalg.norm(a), 1.0)
+    assert np.count_nonzero(a) == 5  # kill, my, ex, "kill my", "my ex" (barring hash collisions)
+    assert a @ c == 0.0
 
 
 def test_logistic_embedding_rule_learns_the_separating_direction():
@@ -497,6 +513,12 @@ def test_logistic_embedding_rule_learns_the_separating_direction():
         SafetyConfig(classifier="embedding", embedding_rule="svm")
     with pytest.raises(ValueError, match="logistic_l2"):
         SafetyConfig(classifier="embedding", logistic_l2=0)
+    with pytest.raises(ValueError, match="lexical_weight needs"):
+        SafetyConfig(classifier="embedding", lexical_weight=1.0)
+    lexical = EmbeddingClassifier(
+        None, PROMPT_LABELS, COMPLETION_LABELS, examples, encoder=AxisEncoder(), rule="logistic", lexical_weight=1.0
+    )
+    assert lexical.classify_prompts(["so bad", "all ok"]) == ["disallowed", "allowed"]
 
 
 def test_knn_embedding_with_real_minilm_separates_obvious_prompts(minilm_dir):
