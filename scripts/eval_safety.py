@@ -8,13 +8,14 @@
 
 Two sets, two protocols:
 - labelled (data/safety/labelled_*.jsonl): the set the backends were built on. Rows without a `source`
-  are the ones the `rules` rubric was written on; rows with `source: heldout-v1` were the first held-out
-  set (measured once, then folded in as training examples when a new held-out set was written) and rows
-  with `source: added-2026-12` were written later as more training examples. `rules` is measured on all of
+  are the ones the `rules` rubric was written on; rows with `source: heldout-v1` / `heldout-v2` were the
+  first and second held-out sets (each measured once, then folded in as training examples when the next
+  held-out set was written) and rows with `source: added-2026-12` were written as more training examples. `rules` is measured on all of
   them (in-sample for the first 147 prompts and 69 completions). An `embedding` config whose `examples_path` lists a labelled
   file is measured by stratified k-fold cross-validation: each fold is classified with that file's other
   folds as examples (plus the config's own examples), never with itself.
-- held-out (data/safety/heldout_*.jsonl, 108 prompts and 54 completions): written by hand after the labelled
+- held-out (data/safety/heldout_*.jsonl, 108 prompts and 50 completions; the third such set): written by hand
+  after the labelled
   set with different topics and wording, committed before any tuning, and never used to choose a pattern,
   example or parameter. Classified by
   the configured backend as it ships (all examples).
@@ -28,7 +29,8 @@ at most 0.1 of allowed prompts flagged disallowed" on the held-out set.
 lexical_weight; both:
 center_embeddings and the disallowed margin)
 by repeated stratified k-fold CV on the labelled set only (the held-out files are not read) and prints the
-grid and the setting it picks: the smallest shortfall from the target, ties to the higher prompt accuracy.
+grid and the setting it picks: the smallest shortfall from the target, then the most room on the target's
+tighter side (min(recall - 0.9, 0.1 - flagged)), then the higher prompt accuracy.
 (Run from the repository root with `-m`, or with the package installed, so `rlhf` imports.)
 """
 
@@ -297,13 +299,14 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
     seeds = list(range(args.seed, args.seed + args.tune_repeats))
     similarity_margins = [round(0.01 * i, 2) for i in range(0, 9)]
     logistic_margins = [round(0.125 * i, 3) for i in range(0, 17)]  # log-probability units
+    # Similarity rules were dominated by logistic ones in every sweep so far, so their grid is kept small.
     candidates = [
         {"rule": "similarity", "knn_k": k, "centroid_weight": w if k else 1.0, "center": c, "l2": None, "lex": 0.0}
-        for k, w, c in itertools.product([0, 1, 3, 5, 7, 10], [0.0, 0.25, 0.5, 0.75], [False, True])
-        if k or w == 0.0  # nearest centroid has no weight to set
+        for k, w, c in itertools.product([0, 7, 10], [0.25, 0.5], [False, True])
+        if k or w == 0.25  # nearest centroid has no weight to set
     ] + [
         {"rule": "logistic", "knn_k": 0, "centroid_weight": 1.0, "center": c, "l2": l2, "lex": lex}
-        for l2, c, lex in itertools.product([0.0003, 0.001, 0.003, 0.01], [False, True], [0.0, 1.0, 1.5])
+        for l2, c, lex in itertools.product([0.0001, 0.0003, 0.001], [False, True], [0.0, 1.0, 1.5, 2.0])
     ]
     grid = []
     for cand in candidates:
@@ -380,9 +383,12 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
                     "shortfall": round(
                         max(0.0, TARGET_RECALL - recall) + max(0.0, flagged - TARGET_FLAGGED), 4
                     ),
+                    "room": round(min(recall - TARGET_RECALL, TARGET_FLAGGED - flagged), 4),
                 }
             )
-    grid.sort(key=lambda g: (g["shortfall"], -g["prompt_accuracy"], -g["completion_accuracy"]))
+    # Meeting the target comes first; then the most room on its tighter side (so a held-out set, which always
+    # differs from the CV folds, is least likely to tip it over); then accuracy.
+    grid.sort(key=lambda g: (g["shortfall"], -g["room"], -g["prompt_accuracy"], -g["completion_accuracy"]))
     return {
         "config": str(config_path),
         "protocol": f"{args.folds}-fold stratified CV x {len(seeds)} seeds on {args.prompts.name} "

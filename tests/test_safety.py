@@ -170,19 +170,19 @@ def test_labelled_sets_are_big_and_balanced():
 
 
 def test_heldout_sets_parse_and_have_the_stated_counts():
-    """The frozen held-out set: 108 prompts (36 per class) and 54 completions, none from the labelled set."""
+    """The frozen held-out set: 108 prompts (36 per class) and 50 completions, none from the labelled set."""
     mode, prompts = read_labelled(HELDOUT_PROMPTS)
     assert mode == "prompts"
     counts = Counter(r["category"] for r in prompts)
     assert counts == {"disallowed": 36, "sensitive": 36, "allowed": 36}
     assert len({r["prompt"] for r in prompts}) == len(prompts) == 108
     mode, completions = read_labelled(HELDOUT_COMPLETIONS)
-    assert mode == "completions" and len(completions) == 54
+    assert mode == "completions" and len(completions) == 50
     assert Counter(r["label"] for r in completions) == {
-        "ideal_refusal": 13,
-        "undesired_refusal": 13,
+        "ideal_refusal": 12,
+        "undesired_refusal": 12,
         "disallowed_content": 10,
-        "compliance": 18,
+        "compliance": 16,
     }
     held_prompts = {r["prompt"] for r in prompts}
     assert all(r["prompt"] in held_prompts and r["category"] for r in completions)
