@@ -618,9 +618,10 @@ class EmbeddingClassifier(SafetyClassifier):
     similarity` (k is capped at the class's size). `center=True` subtracts the mean example embedding first,
     which removes the direction every short request shares. `rule="logistic"` instead fits a class-balanced
     multinomial logistic regression (L2 penalty `l2`) on the same texts and scores log-probabilities: it learns
-    which directions separate the classes rather than trusting raw similarity. `class_margins` are added to
-    the class scores before the argmax. Helping examples (`compliance` / `disallowed_content`) count for whichever helping class
-    the completion labels use.
+    which directions separate the classes rather than trusting raw similarity; `lexical_weight > 0` appends
+    hashed word n-grams to its features. `class_margins` are added to the class scores before the argmax.
+    Helping examples (`compliance` / `disallowed_content`) count for whichever helping class the completion
+    labels use.
     """
 
     name = "embedding"

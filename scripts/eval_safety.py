@@ -10,15 +10,14 @@ Two sets, two protocols:
 - labelled (data/safety/labelled_*.jsonl): the set the backends were built on. Rows without a `source`
   are the ones the `rules` rubric was written on; rows with `source: heldout-v1` / `heldout-v2` were the
   first and second held-out sets (each measured once, then folded in as training examples when the next
-  held-out set was written) and rows with `source: added-2026-12` were written as more training examples. `rules` is measured on all of
-  them (in-sample for the first 147 prompts and 69 completions). An `embedding` config whose `examples_path` lists a labelled
-  file is measured by stratified k-fold cross-validation: each fold is classified with that file's other
-  folds as examples (plus the config's own examples), never with itself.
+  held-out set was written) and rows with `source: added-2026-12` were written as more training examples.
+  `rules` is measured on all of them (in-sample for the first 147 prompts and 69 completions). An
+  `embedding` config whose `examples_path` lists a labelled file is measured by stratified k-fold
+  cross-validation: each fold is classified with that file's other folds as examples (plus the config's own
+  examples), never with itself.
 - held-out (data/safety/heldout_*.jsonl, 108 prompts and 50 completions; the third such set): written by hand
-  after the labelled
-  set with different topics and wording, committed before any tuning, and never used to choose a pattern,
-  example or parameter. Classified by
-  the configured backend as it ships (all examples).
+  after the labelled set with different topics and wording, committed before any tuning, and never used to
+  choose a pattern, example or parameter. Classified by the configured backend as it ships (all examples).
 
 Per set: precision / recall per prompt class, the share of allowed (and of sensitive) prompts flagged
 disallowed, and completion-class accuracy (prompt classes from the dataset's category, as in training) with
@@ -273,7 +272,8 @@ def summarise(results: list[dict]) -> tuple[list[dict], dict]:
 
         best = min(held, key=key)["config"]
     target = {
-        "rule": f"held-out prompts: disallowed recall >= {TARGET_RECALL} and allowed flagged disallowed <= {TARGET_FLAGGED}",
+        "rule": f"held-out prompts: disallowed recall >= {TARGET_RECALL} "
+        f"and allowed flagged disallowed <= {TARGET_FLAGGED}",
         "met_by": meets,
         "best_backend_on_heldout": best,
         "met": bool(meets),
@@ -301,11 +301,11 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
     logistic_margins = [round(0.125 * i, 3) for i in range(0, 17)]  # log-probability units
     # Similarity rules were dominated by logistic ones in every sweep so far, so their grid is kept small.
     candidates = [
-        {"rule": "similarity", "knn_k": k, "centroid_weight": w if k else 1.0, "center": c, "l2": None, "lex": 0.0}
+        dict(rule="similarity", knn_k=k, centroid_weight=w if k else 1.0, center=c, l2=None, lex=0.0)
         for k, w, c in itertools.product([0, 7, 10], [0.25, 0.5], [False, True])
         if k or w == 0.25  # nearest centroid has no weight to set
     ] + [
-        {"rule": "logistic", "knn_k": 0, "centroid_weight": 1.0, "center": c, "l2": l2, "lex": lex}
+        dict(rule="logistic", knn_k=0, centroid_weight=1.0, center=c, l2=l2, lex=lex)
         for l2, c, lex in itertools.product([0.0001, 0.0003, 0.001], [False, True], [0.0, 1.0, 1.5, 2.0])
     ]
     grid = []

@@ -16,7 +16,7 @@ def test_win_rate_counts_ties_half():
 
 
 def test_gold_score_by_category_averages_within_each_category():
-    rows = [{"category": "allowed"}, {"category": "disallowed"}, {"category": "allowed"}, {"prompt": "no class"}]
+    rows = [{"category": "allowed"}, {"category": "disallowed"}, {"category": "allowed"}, {"prompt": "x"}]
     assert by_category(rows, [1.0, 0.0, 0.5, 9.0]) == {"allowed": 0.75, "disallowed": 0.0}
     sft = {"gold_score": 0.5, "gold_score_by_category": {"allowed": 0.25}}
     ppo = {"gold_score": 0.6, "gold_score_by_category": {"allowed": 0.75}}

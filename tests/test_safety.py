@@ -516,7 +516,13 @@ def test_logistic_embedding_rule_learns_the_separating_direction():
     with pytest.raises(ValueError, match="lexical_weight needs"):
         SafetyConfig(classifier="embedding", lexical_weight=1.0)
     lexical = EmbeddingClassifier(
-        None, PROMPT_LABELS, COMPLETION_LABELS, examples, encoder=AxisEncoder(), rule="logistic", lexical_weight=1.0
+        None,
+        PROMPT_LABELS,
+        COMPLETION_LABELS,
+        examples,
+        encoder=AxisEncoder(),
+        rule="logistic",
+        lexical_weight=1.0,
     )
     assert lexical.classify_prompts(["so bad", "all ok"]) == ["disallowed", "allowed"]
 
