@@ -194,27 +194,15 @@ class SafetyConfig:
                 raise ValueError(f"examples[{label!r}] must be a list of strings")
         if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 0:
             raise ValueError(f"knn_k must be a non-negative integer, got {self.knn_k!r}")
-        if (
-            isinstance(self.centroid_weight, bool)
-            or not isinstance(self.centroid_weight, (int, float))
-            or not 0.0 <= self.centroid_weight <= 1.0
-        ):
+        if not (_is_number(self.centroid_weight) and 0.0 <= self.centroid_weight <= 1.0):
             raise ValueError(f"centroid_weight must be a number in [0, 1], got {self.centroid_weight!r}")
         if not isinstance(self.center_embeddings, bool):
             raise ValueError(f"center_embeddings must be true or false, got {self.center_embeddings!r}")
         if self.embedding_rule not in EMBEDDING_RULES:
             raise ValueError(f"embedding_rule must be one of {EMBEDDING_RULES}, got {self.embedding_rule!r}")
-        if (
-            isinstance(self.logistic_l2, bool)
-            or not isinstance(self.logistic_l2, (int, float))
-            or not self.logistic_l2 > 0
-        ):
+        if not (_is_number(self.logistic_l2) and self.logistic_l2 > 0):
             raise ValueError(f"logistic_l2 must be a positive number, got {self.logistic_l2!r}")
-        if (
-            isinstance(self.lexical_weight, bool)
-            or not isinstance(self.lexical_weight, (int, float))
-            or self.lexical_weight < 0
-        ):
+        if not (_is_number(self.lexical_weight) and self.lexical_weight >= 0):
             raise ValueError(f"lexical_weight must be a non-negative number, got {self.lexical_weight!r}")
         if self.lexical_weight and self.embedding_rule != "logistic":
             raise ValueError("lexical_weight needs embedding_rule: logistic")
@@ -223,7 +211,7 @@ class SafetyConfig:
         for label, value in self.class_margins.items():
             if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
                 raise ValueError(f"class_margins: unknown class {label!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value):
                 raise ValueError(f"class_margins[{label!r}] must be a finite number")
         if self.examples_path is not None and not (
             isinstance(self.examples_path, str)
@@ -269,6 +257,11 @@ class SafetyConfig:
         return cls.from_dict(values, base_dir=path.parent)
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float; YAML's `true` (a bool, so an int to Python) is not a number here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_labels(name: str, labels: dict | None, allowed: Sequence[str], required: Sequence[str]) -> None:
     if labels is None:
         return
@@ -299,7 +292,7 @@ def _merge_reward_table(overrides: dict) -> dict[str, dict[str, float]]:
                     f"reward_table[{prompt_class}]: {completion_class!r} cannot occur; "
                     f"expected one of {sorted(table[prompt_class])}"
                 )
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value):
                 raise ValueError(f"reward_table[{prompt_class}][{completion_class}] must be a finite number")
             table[prompt_class][completion_class] = float(value)
     return table

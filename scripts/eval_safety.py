@@ -284,6 +284,13 @@ def summarise(results: list[dict]) -> tuple[list[dict], dict]:
 # ------------------------------------------------------------------------------------------------- tuning
 
 
+def pick_order(row: dict) -> tuple[float, ...]:
+    """Sort key of a tuning row, best first. Meeting the target comes first; then the most room on its tighter
+    side (so a held-out set, which always differs from the CV folds, is least likely to tip it over); then
+    accuracy."""
+    return (row["shortfall"], -row["room"], -row["prompt_accuracy"], -row["completion_accuracy"])
+
+
 def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
     """Grid over the embedding decision rule by repeated stratified k-fold CV on the labelled prompts only."""
     config = SafetyConfig.from_yaml(config_path)
@@ -386,9 +393,7 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
                     "room": round(min(recall - TARGET_RECALL, TARGET_FLAGGED - flagged), 4),
                 }
             )
-    # Meeting the target comes first; then the most room on its tighter side (so a held-out set, which always
-    # differs from the CV folds, is least likely to tip it over); then accuracy.
-    grid.sort(key=lambda g: (g["shortfall"], -g["room"], -g["prompt_accuracy"], -g["completion_accuracy"]))
+    grid.sort(key=pick_order)
     return {
         "config": str(config_path),
         "protocol": f"{args.folds}-fold stratified CV x {len(seeds)} seeds on {args.prompts.name} "

@@ -656,6 +656,17 @@ def test_examples_path_accepts_labelled_files(tmp_path):
     assert "Sure, step 1" in clf._class_texts["completion"]["compliance"]
 
 
+def test_tuning_prefers_the_setting_with_most_room_on_the_target():
+    from scripts.eval_safety import pick_order
+
+    def row(shortfall, room, accuracy):
+        return {"shortfall": shortfall, "room": room, "prompt_accuracy": accuracy, "completion_accuracy": 0.9}
+
+    edge, roomy, missing = row(0.0, 0.0, 0.95), row(0.0, 0.01, 0.90), row(0.02, -0.02, 0.99)
+    assert sorted([missing, edge, roomy], key=pick_order) == [roomy, edge, missing]
+    assert sorted([row(0.0, 0.01, 0.8), row(0.0, 0.01, 0.9)], key=pick_order)[0]["prompt_accuracy"] == 0.9
+
+
 def test_shipped_embedding_config_is_cross_validated_not_in_sample():
     """eval_safety measures an embedding backend whose examples are the labelled set by k-fold CV."""
     from scripts.eval_safety import stratified_folds
