@@ -7,6 +7,7 @@
     rlhf ppo --config FILE [...]
     rlhf safety classify --config FILE DATA
     rlhf pipeline --config FILE              rlhf eval ...              rlhf chat PATH
+    rlhf inspect {neurons,explain,diff,...} ...   (see `rlhf inspect --help`)
 
 Bad input ends with one line per problem and exit code 2, never a traceback.
 """
@@ -29,9 +30,10 @@ EXIT_BAD_INPUT = 2
 def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.checkpoint import HandoffError, ResumeError
     from rlhf.data import DataError
+    from rlhf.inspect import InspectError
     from rlhf.models import ModelLoadError
 
-    return (DataError, ConfigError, HandoffError, ResumeError, ModelLoadError)
+    return (DataError, ConfigError, HandoffError, ResumeError, ModelLoadError, InspectError)
 
 
 def run_guarded(action: Callable[[], object]) -> int:
@@ -125,6 +127,7 @@ COMMANDS = {
     "pipeline": ("rlhf.pipeline", "cli"),
     "eval": ("rlhf.evaluation", "cli"),
     "chat": ("rlhf.chat", "cli"),
+    "inspect": ("rlhf.inspect.cli", "main"),
 }
 
 
