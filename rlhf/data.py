@@ -502,12 +502,6 @@ LOADERS = {"sft": load_demonstrations, "pairs": load_preferences, "prompts": loa
 # Formatting and tokenisation (one path for every stage)
 
 
-def ensure_chat_template(tokenizer) -> None:
-    """Give tokenizers without a chat template the default one, and a pad token distinct from EOS."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-
-
 def render_prompt(tokenizer, prompt: list[dict[str, str]]) -> str:
     """The text every stage feeds the model before an answer: the chat template with the generation prompt."""
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -298,10 +298,12 @@ def test_one_prompt_format_for_every_stage(tiny_tokenizer):
     assert full.startswith(rendered) and rendered.endswith("<|assistant|>\n")
 
 
-def test_tokenizer_without_template_gets_the_default(tiny_model_dir):
+def test_tokenizer_without_template_gets_the_default(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
+
+    from rlhf.models import load_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = None
-    data.ensure_chat_template(tokenizer)
-    assert "<|user|>" in data.render_prompt(tokenizer, [msg(USER, "x")])
+    tokenizer.save_pretrained(tmp_path)
+    assert "<|user|>" in data.render_prompt(load_tokenizer(str(tmp_path)), [msg(USER, "x")])
