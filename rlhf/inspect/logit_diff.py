@@ -1,0 +1,380 @@
+"""Why token A rather than B? Direct logit attribution per layer, head and neuron, and ablation.
+
+    rlhf inspect logit-diff --model CKPT --prompt P --target A --distractor B
+        [--ablate L2.H1 L3.N17 ...] [--ablation zero|mean --reference PROMPTS] [--raw] [--out DIR]
+
+At the prompt's last position the logit difference logit(A) - logit(B) is split exactly into what each part of
+the residual stream contributes: the embedding, every attention head (its slice of the output projection times
+its output), every MLP neuron (its activation times its column of the down projection) and the biases. Each
+write goes through the final norm with its scale frozen at that position (the standard linearisation; the parts
+then sum to the logit difference) and onto the unembedding difference U[A] - U[B].
+
+Ablation replaces a unit's activation at every position by zero or by its mean over a reference set of prompts
+and runs the model again: the change of the logit difference is its total effect, indirect paths included.
+Every run ablates the 5 units with the largest attribution and, as a control, the 5 with the smallest magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.inspect import InspectError
+from rlhf.inspect.model_parts import (
+    ModelParts,
+    capture_inputs,
+    frozen_norm,
+    locate,
+    split_heads,
+    unit_inputs,
+    write_bias,
+    write_weight,
+)
+
+CHECK_UNITS = 5
+_UNIT_RE = re.compile(r"^L(\d+)\.([HN])(\d+)$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """An attention head (`L2.H1`) or an MLP neuron (`L3.N17`)."""
+
+    layer: int
+    kind: str  # "head" or "neuron"
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}.{'H' if self.kind == 'head' else 'N'}{self.index}"
+
+
+def parse_unit(text: str, parts: ModelParts) -> Unit:
+    match = _UNIT_RE.match(text)
+    if not match:
+        raise InspectError(f"--ablate {text!r}: expected L<layer>.H<head> or L<layer>.N<neuron>, e.g. L1.H0")
+    layer, letter, index = int(match[1]), match[2], int(match[3])
+    if layer >= len(parts.layers):
+        raise InspectError(f"--ablate {text}: the model has {len(parts.layers)} layers")
+    size = parts.layers[layer].n_heads if letter == "H" else parts.layers[layer].n_neurons
+    if index >= size:
+        raise InspectError(
+            f"--ablate {text}: layer {layer} has {size} {'heads' if letter == 'H' else 'neurons'}"
+        )
+    return Unit(layer, "head" if letter == "H" else "neuron", index)
+
+
+def single_token(tokenizer, text: str, flag: str) -> int:
+    """The one token `text` stands for: its encoding, or an exact vocabulary entry such as 'ĠSure'."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return ids[0]
+    vocab_id = tokenizer.get_vocab().get(text)
+    if vocab_id is not None:
+        return vocab_id
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    raise InspectError(
+        f"{flag} {text!r} is not one token of this vocabulary (it encodes to {len(ids)}: {pieces}); "
+        "give a single token"
+    )
+
+
+def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
+    """[1, seq] ids of the prompt as every stage renders it (chat template + generation prompt), or as given."""
+    from rlhf.data import render_prompt
+
+    text = prompt if raw else render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    ids = tokenizer(text, add_special_tokens=raw, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise InspectError("--prompt is empty")
+    return ids
+
+
+@torch.no_grad()
+def logit_diff(model: nn.Module, ids: torch.Tensor, target: int, distractor: int) -> float:
+    logits = model(ids).logits[0, -1]
+    return float(logits[target] - logits[distractor])
+
+
+@torch.no_grad()
+def attribute(model: nn.Module, parts: ModelParts, ids: torch.Tensor, target: int, distractor: int) -> dict:
+    """Every unit's direct contribution to logit(target) - logit(distractor) at the last position.
+
+    Returns the logit difference, the per-unit contributions ({Unit: float}), per-layer totals and the
+    remaining terms (embedding, biases), which together sum to the logit difference.
+    """
+    modules = {**unit_inputs(parts), "final_norm": parts.final_norm}
+    with capture_inputs(modules) as acts:
+        out = model(ids, output_hidden_states=True)
+    logits = out.logits[0, -1]
+    unembed = parts.unembedding.weight
+    direction = (unembed[target] - unembed[distractor]).float()
+    to_logit, norm_bias = frozen_norm(parts.final_norm, acts["final_norm"][0, -1])
+
+    def score(writes: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n]
+        return to_logit(writes) @ direction
+
+    units: dict[Unit, float] = {}
+    layers, other = [], {"embedding": float(score(out.hidden_states[0][0, -1:])[0])}
+    for layer in parts.layers:
+        i = layer.index
+        heads = split_heads(acts[f"attn.{i}"][0, -1], layer.n_heads)  # [n_heads, head_dim]
+        w_o = split_heads(write_weight(layer.attn_out), layer.n_heads)  # [hidden, n_heads, head_dim]
+        head_scores = score(torch.einsum("dhk,hk->hd", w_o, heads))
+        neurons = acts[f"mlp.{i}"][0, -1]  # [n_neurons]
+        neuron_scores = score(write_weight(layer.mlp_out).T * neurons[:, None])
+        units.update({Unit(i, "head", h): float(v) for h, v in enumerate(head_scores)})
+        units.update({Unit(i, "neuron", n): float(v) for n, v in enumerate(neuron_scores)})
+        for name, module in ((f"L{i}.attn_bias", layer.attn_out), (f"L{i}.mlp_bias", layer.mlp_out)):
+            if write_bias(module) is not None:
+                other[name] = float(score(write_bias(module)[None])[0])
+        layers.append({"layer": i, "attention": float(head_scores.sum()), "mlp": float(neuron_scores.sum())})
+    if norm_bias is not None:
+        other["final_norm_bias"] = float(norm_bias.float() @ direction)
+    if getattr(parts.unembedding, "bias", None) is not None:
+        other["unembedding_bias"] = float(parts.unembedding.bias[target] - parts.unembedding.bias[distractor])
+    total = sum(units.values()) + sum(other.values())
+    return {
+        "logit_diff": float(logits[target] - logits[distractor]),
+        "sum_of_parts": total,
+        "units": units,
+        "layers": layers,
+        "other": other,
+    }
+
+
+@torch.no_grad()
+def unit_means(model: nn.Module, parts: ModelParts, prompts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each unit module's input averaged over every position of the reference prompts (for mean ablation)."""
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for ids in prompts:
+        with capture_inputs(unit_inputs(parts)) as acts:
+            model(ids)
+        for key, value in acts.items():
+            sums[key] = sums.get(key, 0) + value[0].sum(0)
+        count += ids.shape[1]
+    return {key: value / count for key, value in sums.items()}
+
+
+@contextmanager
+def ablated(
+    parts: ModelParts, units: list[Unit], means: dict[str, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Within the block, the given units output zero (means=None) or their reference mean at every position."""
+    by_module: dict[str, list[Unit]] = {}
+    for unit in units:
+        by_module.setdefault(f"{'attn' if unit.kind == 'head' else 'mlp'}.{unit.layer}", []).append(unit)
+    modules = unit_inputs(parts)
+    handles = []
+    for key, chosen in by_module.items():
+        layer = parts.layers[chosen[0].layer]
+        columns = torch.cat([_columns(u, layer.head_dim) for u in chosen])
+
+        def hook(_module, args, key=key, columns=columns):
+            x = args[0].clone()
+            x[..., columns] = 0.0 if means is None else means[key][columns].to(x.dtype)
+            return (x, *args[1:])
+
+        handles.append(modules[key].register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _columns(unit: Unit, head_dim: int) -> torch.Tensor:
+    if unit.kind == "neuron":
+        return torch.tensor([unit.index])
+    return torch.arange(unit.index * head_dim, (unit.index + 1) * head_dim)
+
+
+def ablation_effect(model, parts, ids, units, means, target, distractor) -> float:
+    with ablated(parts, units, means):
+        return logit_diff(model, ids, target, distractor)
+
+
+def ranking_check(model, parts, ids, result, means, target, distractor, k: int = CHECK_UNITS) -> dict:
+    """Ablate the top-k units by attribution, then (the control) the k of smallest |attribution|."""
+    # "Top" means pushing the logit difference the way it already goes (towards B when it is negative).
+    sign = 1.0 if result["logit_diff"] >= 0 else -1.0
+    ranked = sorted(result["units"], key=lambda u: sign * result["units"][u], reverse=True)
+    smallest = sorted(result["units"], key=lambda u: abs(result["units"][u]))
+    check = {}
+    for name, chosen in (("top", ranked[:k]), ("smallest", smallest[:k])):
+        after = ablation_effect(model, parts, ids, chosen, means, target, distractor)
+        check[name] = _ablation_row(chosen, result, after)
+    return check
+
+
+def _ablation_row(units: list[Unit], result: dict, after: float) -> dict:
+    before = result["logit_diff"]
+    return {
+        "units": [u.name for u in units],
+        "attribution": sum(result["units"].get(u, 0.0) for u in units),
+        "logit_diff_after": after,
+        "change": after - before,
+        "fraction_removed": (before - after) / before if before else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Causal-LM checkpoint directory.")
+    parser.add_argument("--prompt", required=True, help="User message (rendered with the chat template).")
+    parser.add_argument("--target", required=True, help="Token A (must be exactly one token).")
+    parser.add_argument("--distractor", required=True, help="Token B (must be exactly one token).")
+    parser.add_argument("--raw", action="store_true", help="Feed --prompt as is, without the chat template.")
+    parser.add_argument("--ablate", nargs="*", default=[], help="Units to ablate together: L2.H1 L3.N17 ...")
+    parser.add_argument("--ablation", choices=["zero", "mean"], default="zero")
+    parser.add_argument(
+        "--reference", help="Prompts file whose activations give the means (--ablation mean)."
+    )
+    parser.add_argument("--top", type=int, default=20, help="Units listed per sign in the output.")
+    parser.add_argument("--out", default="outputs/inspect/logit-diff", help="Directory for JSON and HTML.")
+
+
+def _load(args: argparse.Namespace):
+    """Everything checkable before the model loads: reference data, tokens, then the model itself."""
+    from rlhf.inspect import check_causal_lm
+    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+
+    if args.ablation == "mean" and not args.reference:
+        raise InspectError("--ablation mean needs --reference PROMPTS (the prompts the means are taken over)")
+    if not args.prompt.strip():
+        raise InspectError("--prompt is empty")
+    check_causal_lm(args.model)
+    tokenizer = load_tokenizer(args.model)
+    target = single_token(tokenizer, args.target, "--target")
+    distractor = single_token(tokenizer, args.distractor, "--distractor")
+    if target == distractor:
+        raise InspectError(f"--target and --distractor are the same token ({args.target!r})")
+    references = []
+    if args.reference:
+        from rlhf.data import load_prompts
+
+        rows, _ = load_prompts(args.reference)
+        references = [encode_prompt(tokenizer, _user_text(row["prompt"]), args.raw) for row in rows]
+    model = load_causal_lm(args.model, tokenizer).eval()
+    disable_dropout(model)
+    return model, tokenizer, target, distractor, references
+
+
+def _user_text(prompt: list[dict]) -> str:
+    return prompt[-1]["content"]
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer, target, distractor, references = _load(args)
+    parts = locate(model)
+    chosen = [parse_unit(text, parts) for text in args.ablate]
+    ids = encode_prompt(tokenizer, args.prompt, args.raw)
+    means = unit_means(model, parts, references) if args.ablation == "mean" else None
+    result = attribute(model, parts, ids, target, distractor)
+    report = _report(args, tokenizer, ids, target, distractor, result)
+    report["check"] = ranking_check(model, parts, ids, result, means, target, distractor)
+    if chosen:
+        after = ablation_effect(model, parts, ids, chosen, means, target, distractor)
+        report["ablation"] = _ablation_row(chosen, result, after)
+    _write(args.out, report)
+    _print_summary(report)
+    return 0
+
+
+def _report(args, tokenizer, ids, target, distractor, result) -> dict:
+    ranked = sorted(result["units"].items(), key=lambda item: item[1], reverse=True)
+    return {
+        "model": args.model,
+        "prompt": args.prompt,
+        "tokens": tokenizer.convert_ids_to_tokens(ids[0].tolist()),
+        "target": {"text": args.target, "id": target, "token": tokenizer.convert_ids_to_tokens(target)},
+        "distractor": {
+            "text": args.distractor,
+            "id": distractor,
+            "token": tokenizer.convert_ids_to_tokens(distractor),
+        },
+        "ablation_mode": args.ablation,
+        "reference": args.reference,
+        "logit_diff": result["logit_diff"],
+        "sum_of_parts": result["sum_of_parts"],
+        "layers": result["layers"],
+        "other": result["other"],
+        "top_units": [_unit_row(*item) for item in ranked[: args.top]],
+        "bottom_units": [_unit_row(*item) for item in ranked[::-1][: args.top]],
+    }
+
+
+def _unit_row(unit: Unit, value: float) -> dict:
+    return {"unit": unit.name, "kind": unit.kind, "layer": unit.layer, "value": value}
+
+
+def _write(out: str, report: dict) -> None:
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "logit_diff.json").write_text(json.dumps(report, indent=2))
+    (directory / "logit_diff.html").write_text(render_html(report))
+
+
+def _print_summary(report: dict) -> None:
+    a, b = report["target"]["token"], report["distractor"]["token"]
+    print(f"logit({a}) - logit({b}) = {report['logit_diff']:.3f} (parts sum to {report['sum_of_parts']:.3f})")
+    for name, row in report["check"].items():
+        print(
+            f"ablate {name} {CHECK_UNITS} ({report['ablation_mode']}): {' '.join(row['units'])} -> "
+            f"{row['logit_diff_after']:.3f} ({100 * (row['fraction_removed'] or 0):.0f}% removed)"
+        )
+    if "ablation" in report:
+        row = report["ablation"]
+        print(
+            f"ablate {' '.join(row['units'])}: -> {row['logit_diff_after']:.3f} (change {row['change']:+.3f})"
+        )
+
+
+def render_html(report: dict) -> str:
+    """A minimal self-contained page: the logit difference, the per-layer split, the unit table, the ablations."""
+    import html
+
+    def table(rows: list[dict], columns: list[str]) -> str:
+        head = "".join(f"<th>{c}</th>" for c in columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
+            for r in rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    ablations = [{"set": k, **v} for k, v in report["check"].items()]
+    if "ablation" in report:
+        ablations.append({"set": "requested", **report["ablation"]})
+    a, b = html.escape(report["target"]["token"]), html.escape(report["distractor"]["token"])
+    return (
+        "<!doctype html><meta charset='utf-8'><title>logit difference</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}</style>"
+        f"<h1>logit({a}) &minus; logit({b}) = {report['logit_diff']:.3f}</h1>"
+        f"<p>{html.escape(report['prompt'])}</p><h2>Layers</h2>"
+        + table(report["layers"], ["layer", "attention", "mlp"])
+        + "<h2>Units pushing towards A</h2>"
+        + table(report["top_units"], ["unit", "kind", "value"])
+        + "<h2>Units pushing towards B</h2>"
+        + table(report["bottom_units"], ["unit", "kind", "value"])
+        + "<h2>Ablations</h2>"
+        + table(ablations, ["set", "units", "attribution", "logit_diff_after", "fraction_removed"])
+    )
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "" if value is None else str(value)

@@ -1,0 +1,149 @@
+"""`rlhf inspect logit-diff`: exact attribution, planted units found and ablated, bad input refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from rlhf.cli import main as rlhf_main
+from rlhf.inspect import InspectError
+from rlhf.inspect.logit_diff import (
+    Unit,
+    ablated,
+    attribute,
+    encode_prompt,
+    logit_diff,
+    parse_unit,
+    ranking_check,
+    single_token,
+    unit_means,
+)
+from rlhf.inspect.model_parts import capture_inputs, locate, split_heads, unit_inputs, write_weight
+from rlhf.models import load_causal_lm
+
+PROMPT = "What is 7 + 5?"
+
+
+@pytest.fixture()
+def model(tiny_model_dir, tiny_tokenizer):
+    return load_causal_lm(tiny_model_dir, tiny_tokenizer).eval()
+
+
+def tokens(tokenizer) -> tuple[int, int]:
+    return single_token(tokenizer, "1", "--target"), single_token(tokenizer, "2", "--distractor")
+
+
+def test_parts_sum_to_the_logit_difference(model, tiny_tokenizer):
+    parts = locate(model)
+    ids = encode_prompt(tiny_tokenizer, PROMPT, raw=False)
+    result = attribute(model, parts, ids, *tokens(tiny_tokenizer))
+    assert result["logit_diff"] == pytest.approx(logit_diff(model, ids, *tokens(tiny_tokenizer)), abs=1e-5)
+    assert result["sum_of_parts"] == pytest.approx(result["logit_diff"], abs=1e-4)
+    n_units = sum(layer.n_heads + layer.n_neurons for layer in parts.layers)
+    assert len(result["units"]) == n_units
+
+
+def test_gpt2_parts_with_biases_and_layernorm_sum_to_the_logit_difference():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(0, 40, (1, 6))
+    result = attribute(model, locate(model), ids, 3, 5)
+    assert {"L0.attn_bias", "L1.mlp_bias", "final_norm_bias"} <= set(result["other"])
+    assert result["sum_of_parts"] == pytest.approx(result["logit_diff"], abs=1e-3)
+
+
+def plant(model, parts, ids, target, distractor, strength: float = 8.0) -> list[Unit]:
+    """Make head 1 of each layer and 3 last-layer neurons write `strength` along U[target] - U[distractor].
+
+    Planted in forward order, re-reading the activations after each, since a plant changes everything downstream.
+    """
+
+    def activations(key: str) -> torch.Tensor:
+        with capture_inputs(unit_inputs(parts)) as acts, torch.no_grad():
+            model(ids)
+        return acts[key][0, -1]
+
+    unembed = parts.unembedding.weight
+    direction = (unembed[target] - unembed[distractor]).detach()
+    direction = direction / direction.norm()
+    planted = []
+    with torch.no_grad():
+        for layer in parts.layers:
+            z = split_heads(activations(f"attn.{layer.index}"), layer.n_heads)[1]
+            columns = slice(layer.head_dim, 2 * layer.head_dim)
+            write_weight(layer.attn_out)[:, columns] = strength * torch.outer(direction, z) / z.dot(z)
+            planted.append(Unit(layer.index, "head", 1))
+        last = parts.layers[-1]
+        neurons = activations(f"mlp.{last.index}")
+        for n in neurons.abs().argsort(descending=True)[:3].tolist():
+            write_weight(last.mlp_out)[:, n] = strength * direction / neurons[n]
+            planted.append(Unit(last.index, "neuron", n))
+    return planted
+
+
+def test_planted_units_rank_on_top_and_their_ablation_removes_the_difference(model, tiny_tokenizer):
+    parts = locate(model)
+    ids = encode_prompt(tiny_tokenizer, PROMPT, raw=False)
+    target, distractor = tokens(tiny_tokenizer)
+    planted = plant(model, parts, ids, target, distractor)
+    result = attribute(model, parts, ids, target, distractor)
+    top5 = sorted(result["units"], key=result["units"].get, reverse=True)[:5]
+    assert set(top5) == set(planted)
+    check = ranking_check(model, parts, ids, result, None, target, distractor)
+    assert check["top"]["fraction_removed"] >= 0.5
+    assert abs(check["smallest"]["fraction_removed"]) < 0.5
+
+
+def test_mean_ablation_sets_exactly_the_chosen_columns(model, tiny_tokenizer):
+    parts = locate(model)
+    references = [encode_prompt(tiny_tokenizer, p, raw=False) for p in ("What is 1 + 1?", "Hello there")]
+    means = unit_means(model, parts, references)
+    ids = encode_prompt(tiny_tokenizer, PROMPT, raw=False)
+    units = [Unit(0, "neuron", 5), Unit(1, "head", 0)]
+    with capture_inputs(unit_inputs(parts)) as clean, torch.no_grad():
+        model(ids)
+    with ablated(parts, units, means), capture_inputs(unit_inputs(parts)) as acts, torch.no_grad():
+        model(ids)
+    head_dim = parts.layers[1].head_dim
+    torch.testing.assert_close(acts["mlp.0"][0, :, 5], means["mlp.0"][5].expand(ids.shape[1]))
+    torch.testing.assert_close(
+        acts["attn.1"][0, :, :head_dim], means["attn.1"][:head_dim].expand(ids.shape[1], -1)
+    )
+    # Layer 0's heads are upstream of nothing ablated, so they are untouched; layer 0's other neurons too.
+    torch.testing.assert_close(acts["attn.0"], clean["attn.0"])
+    torch.testing.assert_close(acts["mlp.0"][0, :, 6:], clean["mlp.0"][0, :, 6:])
+
+
+def test_unit_names_are_checked_against_the_model(model):
+    parts = locate(model)
+    assert parse_unit("L1.N17", parts) == Unit(1, "neuron", 17)
+    for bad in ("L9.H0", "L0.H7", "layer0", "L0.X1"):
+        with pytest.raises(InspectError):
+            parse_unit(bad, parts)
+
+
+def test_cli_runs_and_refuses_a_multi_token_target(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["inspect", "logit-diff", "--model", tiny_model_dir, "--prompt", PROMPT, "--out", str(out)]
+    assert rlhf_main([*argv, "--target", "1", "--distractor", "2", "--ablate", "L0.H0", "L1.N3"]) == 0
+    assert (out / "logit_diff.json").exists() and (out / "logit_diff.html").read_text().startswith(
+        "<!doctype"
+    )
+    capsys.readouterr()
+    assert rlhf_main([*argv, "--target", "zzqx", "--distractor", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--target 'zzqx' is not one token" in err[0]
+
+
+def test_cli_mean_ablation_reads_the_reference_prompts(tiny_model_dir, tmp_path, capsys):
+    reference = write_jsonl(tmp_path / "ref.jsonl", [{"prompt": "What is 3 + 4?"}, {"prompt": "Hi"}])
+    argv = ["inspect", "logit-diff", "--model", tiny_model_dir, "--prompt", PROMPT, "--out", str(tmp_path)]
+    argv += ["--target", "1", "--distractor", "2", "--ablation", "mean"]
+    assert rlhf_main(argv) == 2  # no --reference
+    assert "--reference" in capsys.readouterr().err
+    assert rlhf_main([*argv, "--reference", str(reference)]) == 0
