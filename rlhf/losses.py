@@ -115,6 +115,55 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     )
 
 
+# Tokens per chunk in the selective functions: a [chunk, V] float32 block (V = 150k: 600 MB at 1024 tokens) is the
+# largest temporary they make, whatever the number of tokens.
+LOGPROB_CHUNK_TOKENS = 1024
+
+
+def _token_chunks(logits: Tensor, temperature: float, chunk_tokens: int):
+    """Yield [n, V] blocks of logits [..., V] flattened over the leading dims, upcast to >= float32 and divided by
+    the temperature one block at a time (so no full-size scaled copy of the logits exists at once)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    for block in logits.reshape(-1, logits.shape[-1]).split(chunk_tokens):
+        block = block.to(dtype)
+        yield block / temperature if temperature != 1.0 else block
+
+
+def selective_log_softmax(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+) -> Tensor:
+    """log softmax(z / temperature)[label] per token, without a full-vocabulary log-softmax: for each block of
+    `chunk_tokens` tokens, z_label / tau - logsumexp(z / tau). logits [..., V], labels [...] -> [...], >= float32.
+
+    Any leading shape: [B, T, V] padded or [N, V] packed. Callers align logits with labels (logits at t predict
+    token t). Equal to `logprobs_from_logits(logits / temperature, labels)` up to float error.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    blocks = _token_chunks(logits, temperature, chunk_tokens)
+    out = [
+        block.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(block, dim=-1)
+        for block, index in zip(blocks, labels.reshape(-1).split(chunk_tokens), strict=True)
+    ]
+    return torch.cat(out).reshape(labels.shape) if out else logits.new_zeros(labels.shape, dtype=dtype)
+
+
+def chunked_entropy(
+    logits: Tensor, temperature: float = 1.0, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+) -> Tensor:
+    """Entropy of softmax(z / temperature) per token, block by block as in `selective_log_softmax`.
+    logits [..., V] -> [...], >= float32. Equal to `entropy_from_logits(logits / temperature)` up to float error."""
+    out = [
+        torch.logsumexp(block, -1) - (torch.softmax(block, -1) * block).sum(-1)
+        for block in _token_chunks(logits, temperature, chunk_tokens)
+    ]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return (
+        torch.cat(out).reshape(logits.shape[:-1]) if out else logits.new_zeros(logits.shape[:-1], dtype=dtype)
+    )
+
+
 # --- KL penalty and per-token rewards -----------------------------------------------------------------------------
 
 

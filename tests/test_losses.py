@@ -9,6 +9,7 @@ from rlhf.losses import (
     AdaptiveKLController,
     FixedKLController,
     bradley_terry_loss,
+    chunked_entropy,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
@@ -20,6 +21,7 @@ from rlhf.losses import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    selective_log_softmax,
 )
 
 
@@ -139,6 +141,50 @@ def test_entropy_uniform_is_log_v_and_matches_categorical() -> None:
     logits = 3 * torch.randn(2, 3, V)
     expected = torch.distributions.Categorical(logits=logits).entropy()
     assert torch.allclose(entropy_from_logits(logits), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (17,)])  # padded [B, T] and packed [N] token layouts
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1024])
+def test_selective_log_softmax_matches_full_log_softmax_with_temperature_and_gradients(
+    shape, chunk_tokens
+) -> None:
+    torch.manual_seed(8)
+    V, temperature = 11, 0.7
+    logits = (3 * torch.randn(*shape, V)).requires_grad_()
+    labels = torch.randint(0, V, shape)
+    oracle = torch.log_softmax(logits / temperature, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ours = selective_log_softmax(logits, labels, temperature, chunk_tokens=chunk_tokens)
+    assert ours.shape == labels.shape
+    assert torch.allclose(ours, oracle, atol=1e-6)
+    weights = torch.randn(shape)  # a non-uniform upstream gradient, so every token's gradient is checked
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g_oracle,) = torch.autograd.grad((oracle * weights).sum(), logits)
+    assert torch.allclose(g_ours, g_oracle, atol=1e-6)
+
+
+def test_selective_log_softmax_upcasts_bf16_and_rejects_zero_temperature() -> None:
+    torch.manual_seed(9)
+    logits = torch.randn(2, 3, 7).bfloat16()
+    labels = torch.randint(0, 7, (2, 3))
+    ours = selective_log_softmax(logits, labels, chunk_tokens=2)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, logprobs_from_logits(logits, labels), atol=1e-6)
+    assert selective_log_softmax(logits[:, :0], labels[:, :0]).shape == (2, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        selective_log_softmax(logits, labels, temperature=0.0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [2, 1024])
+def test_chunked_entropy_matches_entropy_of_scaled_logits_with_gradients(chunk_tokens) -> None:
+    torch.manual_seed(10)
+    temperature = 0.7
+    logits = (3 * torch.randn(2, 5, 13)).requires_grad_()
+    oracle = entropy_from_logits(logits / temperature)
+    ours = chunked_entropy(logits, temperature, chunk_tokens=chunk_tokens)
+    assert torch.allclose(ours, oracle, atol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_oracle,) = torch.autograd.grad(oracle.sum(), logits)
+    assert torch.allclose(g_ours, g_oracle, atol=1e-5)
 
 
 # --- KL estimators -------------------------------------------------------------------------------------------------
