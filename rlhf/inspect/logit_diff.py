@@ -17,7 +17,6 @@ Every run ablates the 5 units with the largest attribution and, as a control, th
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from rlhf.inspect import InspectError
+from rlhf.inspect.html import heading, paragraph, table, write_json, write_page
 from rlhf.inspect.model_parts import (
     ModelParts,
     capture_inputs,
@@ -320,10 +320,13 @@ def _unit_row(unit: Unit, value: float) -> dict:
 
 
 def _write(out: str, report: dict) -> None:
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "logit_diff.json").write_text(json.dumps(report, indent=2))
-    (directory / "logit_diff.html").write_text(render_html(report))
+    write_json(Path(out) / "logit_diff.json", report)
+    a, b = report["target"]["token"], report["distractor"]["token"]
+    write_page(
+        Path(out) / "logit_diff.html",
+        f"logit({a}) - logit({b}) = {report['logit_diff']:.3f}",
+        _sections(report),
+    )
 
 
 def _print_summary(report: dict) -> None:
@@ -341,40 +344,39 @@ def _print_summary(report: dict) -> None:
         )
 
 
-def render_html(report: dict) -> str:
-    """A minimal self-contained page: the logit difference, the per-layer split, the unit table, the ablations."""
-    import html
-
-    def table(rows: list[dict], columns: list[str]) -> str:
-        head = "".join(f"<th>{c}</th>" for c in columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
-            for r in rows
-        )
-        return f"<table><tr>{head}</tr>{body}</table>"
-
-    ablations = [{"set": k, **v} for k, v in report["check"].items()]
+def _sections(report: dict) -> list[str]:
+    """The prompt, the per-layer split, the units each way, the ablations."""
+    ablations = [(name, *_ablation_cells(row)) for name, row in report["check"].items()]
     if "ablation" in report:
-        ablations.append({"set": "requested", **report["ablation"]})
-    a, b = html.escape(report["target"]["token"]), html.escape(report["distractor"]["token"])
+        ablations.append(("requested", *_ablation_cells(report["ablation"])))
+    other = ", ".join(f"{name} {value:.3f}" for name, value in report["other"].items())
+    return [
+        paragraph(f"{report['model']}: {report['prompt']}"),
+        paragraph(
+            f"The parts below sum to {report['sum_of_parts']:.4f}; not in the tables: {other}.", note=True
+        ),
+        heading("Direct attribution per layer"),
+        table(
+            ["layer", "attention", "MLP"], [(r["layer"], r["attention"], r["mlp"]) for r in report["layers"]]
+        ),
+        heading("Units pushing towards the target"),
+        table(["unit", "kind", "direct attribution"], _unit_cells(report["top_units"])),
+        heading("Units pushing towards the distractor"),
+        table(["unit", "kind", "direct attribution"], _unit_cells(report["bottom_units"])),
+        heading(f"Ablations ({report['ablation_mode']})"),
+        table(["set", "units", "their attribution", "logit diff after", "fraction removed"], ablations),
+    ]
+
+
+def _unit_cells(rows: list[dict]) -> list[tuple]:
+    return [(r["unit"], r["kind"], r["value"]) for r in rows]
+
+
+def _ablation_cells(row: dict) -> tuple:
+    removed = row["fraction_removed"]
     return (
-        "<!doctype html><meta charset='utf-8'><title>logit difference</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}</style>"
-        f"<h1>logit({a}) &minus; logit({b}) = {report['logit_diff']:.3f}</h1>"
-        f"<p>{html.escape(report['prompt'])}</p><h2>Layers</h2>"
-        + table(report["layers"], ["layer", "attention", "mlp"])
-        + "<h2>Units pushing towards A</h2>"
-        + table(report["top_units"], ["unit", "kind", "value"])
-        + "<h2>Units pushing towards B</h2>"
-        + table(report["bottom_units"], ["unit", "kind", "value"])
-        + "<h2>Ablations</h2>"
-        + table(ablations, ["set", "units", "attribution", "logit_diff_after", "fraction_removed"])
+        " ".join(row["units"]),
+        row["attribution"],
+        row["logit_diff_after"],
+        "" if removed is None else removed,
     )
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return " ".join(map(str, value))
-    return "" if value is None else str(value)
