@@ -60,7 +60,7 @@ def test_gpt2_parts_with_biases_and_layernorm_sum_to_the_logit_difference():
 def plant(model, parts, ids, target, distractor, strength: float = 8.0) -> list[Unit]:
     """Make head 1 of each layer and 3 last-layer neurons write `strength` along U[target] - U[distractor].
 
-    Planted in forward order, re-reading the activations after each, since a plant changes everything downstream.
+    Planted in forward order, re-reading the activations after each: a plant changes everything downstream.
     """
 
     def activations(key: str) -> torch.Tensor:

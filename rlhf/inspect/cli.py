@@ -15,7 +15,7 @@ import importlib
 import sys
 
 # Module names under rlhf.inspect; the command name is the module name with '-' for '_'.
-SUBCOMMANDS = ["neurons", "explain", "diff", "logit_diff"]
+SUBCOMMANDS = ["neurons", "explain", "diff", "logit_diff", "reward"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,12 +6,12 @@
 At the prompt's last position the logit difference logit(A) - logit(B) is split exactly into what each part of
 the residual stream contributes: the embedding, every attention head (its slice of the output projection times
 its output), every MLP neuron (its activation times its column of the down projection) and the biases. Each
-write goes through the final norm with its scale frozen at that position (the standard linearisation; the parts
-then sum to the logit difference) and onto the unembedding difference U[A] - U[B].
+write goes through the final norm with its scale frozen at that position (the standard linearisation; the
+parts then sum to the logit difference) and onto the unembedding difference U[A] - U[B].
 
 Ablation replaces a unit's activation at every position by zero or by its mean over a reference set of prompts
 and runs the model again: the change of the logit difference is its total effect, indirect paths included.
-Every run ablates the 5 units with the largest attribution and, as a control, the 5 with the smallest magnitude.
+Every run ablates the 5 units with the largest attribution and, as a control, the 5 of smallest magnitude.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def single_token(tokenizer, text: str, flag: str) -> int:
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
-    """[1, seq] ids of the prompt as every stage renders it (chat template + generation prompt), or as given."""
+    """[1, seq] ids of the prompt as every stage renders it (chat template), or as given."""
     from rlhf.data import render_prompt
 
     text = prompt if raw else render_prompt(tokenizer, [{"role": "user", "content": prompt}])
@@ -168,7 +168,7 @@ def unit_means(model: nn.Module, parts: ModelParts, prompts: list[torch.Tensor])
 def ablated(
     parts: ModelParts, units: list[Unit], means: dict[str, torch.Tensor] | None = None
 ) -> Iterator[None]:
-    """Within the block, the given units output zero (means=None) or their reference mean at every position."""
+    """Within the block the units output zero (means=None) or their reference mean, at every position."""
     by_module: dict[str, list[Unit]] = {}
     for unit in units:
         by_module.setdefault(f"{'attn' if unit.kind == 'head' else 'mlp'}.{unit.layer}", []).append(unit)

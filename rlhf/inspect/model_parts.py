@@ -7,9 +7,9 @@ For each decoder layer we locate two projections that write into the residual st
 - the attention output projection (Llama/Qwen2 `self_attn.o_proj`, GPT-2 `attn.c_proj`): its input is the
   concatenation of the per-head outputs, shape [batch, seq, n_heads * head_dim].
 
-Hooks on the *inputs* of these two modules are all the recording and ablation code needs, so nothing downstream
-depends on how a given architecture computes its activations. Besides them: the final norm (applied to the
-residual stream before the unembedding) and the unembedding itself.
+Hooks on the *inputs* of these two modules are all the recording and ablation code needs, so nothing
+downstream depends on how a given architecture computes its activations. Besides them: the final norm
+(applied to the residual stream before the unembedding) and the unembedding itself.
 """
 
 from __future__ import annotations
@@ -177,10 +177,11 @@ def unit_inputs(parts: ModelParts) -> dict[str, nn.Module]:
 
 
 def frozen_norm(norm: nn.Module, residual: torch.Tensor):
-    """The final norm as a linear map, its statistics frozen at one position's `residual` [hidden] (the DLA linearisation).
+    """The final norm as a linear map, its statistics frozen at one position's `residual` [hidden].
 
-    LayerNorm: c -> w * (c - mean(c)) / std(residual); RMSNorm: c -> w * c / rms(residual). Summed over the parts
-    of the residual stream this gives norm(residual) minus the norm's bias (returned second, or None).
+    This is the standard linearisation of direct logit attribution. LayerNorm: c -> w * (c - mean(c)) /
+    std(residual); RMSNorm: c -> w * c / rms(residual). Summed over the parts of the residual stream this
+    gives norm(residual) minus the norm's bias (returned second, or None).
     Models whose norm is neither (e.g. Gemma's 1 + w scale) fail the caller's completeness check.
     """
     centred = isinstance(norm, nn.LayerNorm) or (

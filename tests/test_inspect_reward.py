@@ -1,0 +1,108 @@
+"""`rlhf inspect reward`: integrated gradients add up to the score change and agree with leave-one-out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from rlhf.cli import main as rlhf_main
+from rlhf.inspect.reward import (
+    attribute_answer,
+    baseline_embedding,
+    integrated_gradients,
+    leave_one_out,
+    marked_tokens,
+    positive_share,
+)
+from rlhf.models import load_scalar_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny causal LM with a score head, saved as a reward checkpoint (sequence classification)."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    model = load_scalar_model(tiny_model_dir, tokenizer)
+    with torch.no_grad():
+        # A head of the size training gives, so scores are not ~0 and the completeness check is not vacuous.
+        model.score.weight.normal_(std=1.0)
+    path = tmp_path_factory.mktemp("reward") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reward_model(reward_dir):
+    tokenizer = load_tokenizer(reward_dir)
+    model = load_scalar_model(reward_dir, tokenizer).eval()
+    return model.requires_grad_(False), tokenizer
+
+
+def test_integrated_gradients_add_up_and_agree_with_leave_one_out(reward_model):
+    model, tokenizer = reward_model
+    ids = tokenizer("What is 3 + 4? 3 + 4 = 7.")["input_ids"]
+    result = attribute_answer(model, ids, baseline_embedding(model, "mean", tokenizer.pad_token_id), steps=64)
+    change = result["score"] - result["baseline_score"]
+    assert abs(change) > 0.1
+    assert abs(result["completeness_gap"]) < 0.01 * abs(change)
+    assert result["ig_loo_correlation"] > 0.8
+
+
+def test_attributions_on_a_linear_model_are_exact():
+    """score = sum_t w . e_t: IG and leave-one-out both equal w . (e_t - baseline) at every position."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.randn(8)
+
+        def forward(self, inputs_embeds):
+            return type("Out", (), {"logits": (inputs_embeds @ self.w).sum(1, keepdim=True)})
+
+    model, embeds, baseline = Linear(), torch.randn(5, 8), torch.randn(8).expand(5, 8)
+    expected = (embeds - baseline) @ model.w
+    torch.testing.assert_close(integrated_gradients(model, embeds, baseline, steps=4), expected)
+    torch.testing.assert_close(leave_one_out(model, embeds, baseline, batch=2), expected)
+
+
+def test_marked_tokens_and_their_share():
+    text = "Q? Sorry, no. Bye"
+    offsets = [(0, 2), (3, 9), (9, 10), (10, 13), (14, 17)]
+    import re
+
+    marked = marked_tokens(offsets, text, 3, re.compile("Sorry"))
+    assert marked == [False, True, False, False, False]
+    assert positive_share([1.0, 3.0, -5.0, 0.0, 0.0], marked) == pytest.approx(0.75)
+
+
+def test_cli_writes_json_and_page(reward_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "answers.jsonl",
+        [{"prompt": "What is 3 + 4?", "responses": ["3 + 4 = 7.", "Sorry, I can't help with that."]}],
+    )
+    argv = ["inspect", "reward", "--model", reward_dir, "--data", str(data), "--out", str(tmp_path / "out")]
+    assert rlhf_main([*argv, "--mark", "Sorry", "--steps", "16"]) == 0
+    report = json.loads((tmp_path / "out" / "reward.json").read_text())
+    refusal = report["rows"][1]
+    assert [t for t, m in zip(refusal["tokens"], refusal["marked"], strict=True) if m]
+    assert report["summary"]["answers_with_mark"] == 1
+    assert len(report["rows"][0]["ig"]) == len(report["rows"][0]["tokens"])
+    assert "Reward attribution" in (tmp_path / "out" / "reward.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("causal_lm", "not a reward model"), ("empty", "empty file"), ("no_response", "response: missing")],
+)
+def test_bad_input_is_one_line_and_exit_2(case, message, reward_dir, tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir if case == "causal_lm" else reward_dir
+    answer = {"prompt": "Hi", "response": "Hello"}
+    rows = {"causal_lm": [answer], "empty": [], "no_response": [{"prompt": "Hi"}]}
+    data = write_jsonl(tmp_path / "data.jsonl", rows[case])
+    assert rlhf_main(["inspect", "reward", "--model", model, "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
