@@ -53,7 +53,7 @@ DEFAULT_REWARD_TABLE: dict[str, dict[str, float]] = {
     "sensitive": {"compliance": 1.0, "ideal_refusal": -1.0, "undesired_refusal": -1.0},
     "allowed": {"compliance": 1.0, "ideal_refusal": -1.0, "undesired_refusal": -1.0},
 }
-DEFAULT_RUBRIC = Path(__file__).resolve().parents[1] / "configs" / "safety" / "rubric.yaml"
+DEFAULT_RUBRIC = Path(__file__).resolve().parents[2] / "configs" / "safety" / "rubric.yaml"
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
