@@ -41,7 +41,7 @@ def heading(text: str, level: int = 2, anchor: str | None = None) -> str:
 
 
 def paragraph(text: str, note: bool = False) -> str:
-    return f'<p{" class=note" if note else ""}>{esc(text)}</p>'
+    return f"<p{' class=note' if note else ''}>{esc(text)}</p>"
 
 
 def link(href: str, text: str) -> Raw:
@@ -62,7 +62,7 @@ def tokens_html(tokens: Sequence[str], values: Sequence[float], scale: float | N
         scale = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
     spans = "".join(
         f'<span style="background:{shade(v, scale)}" title="{v:.3g}">{esc(t)}</span>'
-        for t, v in zip(tokens, values)
+        for t, v in zip(tokens, values, strict=True)
     )
     return Raw(f'<div class="tokens">{spans}</div>')
 
@@ -82,7 +82,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | 
     return Raw(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
-def unit_card(name: str, explanation: str | None, score: float | None, excerpts: Sequence[tuple[list[str], list[float]]], scale: float) -> Raw:
+def unit_card(
+    name: str,
+    explanation: str | None,
+    score: float | None,
+    excerpts: Sequence[tuple[list[str], list[float]]],
+    scale: float,
+) -> Raw:
     """A unit's explanation and score above its excerpts, all shaded on the unit's own scale."""
     said = f": {esc(explanation)}" if explanation else ""
     scored = f" <span class=note>(score {score:.2f})</span>" if score is not None else ""
