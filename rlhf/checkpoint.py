@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import shutil
 import time
@@ -235,3 +236,35 @@ def check_tokenizer_matches(manifest: dict[str, Any], tokenizer, where: str) -> 
         raise HandoffError(
             f"{where}: tokenizer differs from the one recorded in its manifest ({'; '.join(diffs)})"
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Random-number state (exact resume of our own loop)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch generator states as tensors and plain containers (loadable with weights_only)."""
+    import numpy as np
+    import torch
+
+    state = {
+        "python": random.getstate(),
+        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, *rest = state["python"]
+    random.setstate((version, tuple(rest[0]), rest[1]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

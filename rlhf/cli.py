@@ -41,25 +41,13 @@ def run_guarded(action: Callable[[], object]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         action()
+    except ConfigError as err:
+        print(redact(f"error: config: {err}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except user_errors() as err:
         print(redact(f"error: {err}"), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ValueError as err:
-        # Config dataclasses validate in __post_init__ and raise ValueError naming the field.
-        if "__post_init__" in _origin(err) or "config" in _origin(err):
-            print(redact(f"error: config: {err}"), file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
     return 0
-
-
-def _origin(err: BaseException) -> str:
-    tb = err.__traceback__
-    names = []
-    while tb is not None:
-        names.append(tb.tb_frame.f_code.co_name + " " + tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    return " ".join(names[-3:])
 
 
 def data_validate(argv: list[str]) -> int:

@@ -74,17 +74,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return torch.where(valid, whitened, 0)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 - Var[R - V] / Var[R] over valid tokens: 1 = perfect critic, 0 = no better than a constant, < 0 worse.
-
-    NaN when the returns are constant. values, returns, mask: [B, T].
-    """
-    var_returns = masked_var(returns, mask, unbiased=False)
-    if var_returns == 0:
-        return float("nan")
-    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
-
-
 # --- log-probabilities and entropy ---------------------------------------------------------------------------------
 
 

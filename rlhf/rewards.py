@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rlhf.data import render_conversation
+from rlhf.rollout import pad_batch, position_ids_from
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -37,25 +38,6 @@ def encode_for_scoring(tokenizer, text: str) -> list[int]:
     """Token ids; the tokenizer's own specials (e.g. BERT's [CLS]) are added unless the template already did."""
     bos = tokenizer.bos_token
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-
-
-def pad_batch(
-    sequences: list[list[int]], pad_id: int, side: str = "right"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to one length -> (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
-
-
-def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a score does not depend on how much padding precedes it."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()

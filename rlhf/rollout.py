@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from rlhf.losses import entropy_from_logits, logprobs_from_logits
-from rlhf.rewards import position_ids_from
 
 
 @dataclass
@@ -37,10 +36,26 @@ class Rollout:
         return Rollout(**{k: (v[index] if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()})
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    from rlhf.rewards import pad_batch
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
+    """Pad to one length -> (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
 
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts are left-padded, so every answer starts at the same column."""
     return pad_batch(sequences, pad_id, side="left")
+
+
+def position_ids_from(mask: Tensor) -> Tensor:
+    """Positions that skip left padding, so a score does not depend on how much padding precedes it."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def cut_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -50,7 +65,6 @@ def cut_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[Tenso
     positions = torch.arange(response_ids.shape[1], device=response_ids.device)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), response_ids.shape[1])
     mask = positions.unsqueeze(0) <= first_eos.unsqueeze(1)
-    mask &= positions.unsqueeze(0) < response_ids.shape[1]
     return torch.where(mask, response_ids, pad_id), mask.long(), has_eos
 
 

@@ -17,7 +17,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.checkpoint import resolve_resume
-from rlhf.config import parse_config
+from rlhf.config import ConfigError, parse_config
 from rlhf.data import Report, content_hash, load_demonstrations, tokenize_demonstrations
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.trainer_stage import (
@@ -55,7 +55,7 @@ class SFTStageConfig(ModelFields, SFTConfig):
         super().__post_init__()
         self.check_model_fields()
         if self.on_empty_mask not in ("error", "drop"):
-            raise ValueError(f"on_empty_mask: expected 'error' or 'drop', found {self.on_empty_mask!r}")
+            raise ConfigError(f"on_empty_mask: expected 'error' or 'drop', found {self.on_empty_mask!r}")
 
 
 def load_data(config: SFTStageConfig):

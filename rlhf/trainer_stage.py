@@ -23,7 +23,8 @@ from rlhf.checkpoint import (
     resolve_resume,
     write_manifest,
 )
-from rlhf.config import config_to_dict, dump_config
+from rlhf.config import ConfigError, config_to_dict, dump_config
+from rlhf.distributed import nonfinite_parameter
 from rlhf.models import LoraSettings
 
 log = logging.getLogger(__name__)
@@ -80,17 +81,17 @@ class ModelFields:
     def check_model_fields(self) -> None:
         if getattr(self, "hub_token", None):
             # The Trainer pickles its arguments into every checkpoint (training_args.bin): a token there leaks.
-            raise ValueError(
+            raise ConfigError(
                 "hub_token: secrets do not belong in configs; set HF_TOKEN or run `hf auth login`"
             )
         if not self.model_name_or_path:
-            raise ValueError("model_name_or_path: required")
+            raise ConfigError("model_name_or_path: required")
         if not self.train_data:
-            raise ValueError("train_data: at least one source is required")
+            raise ConfigError("train_data: at least one source is required")
         if self.overflow not in ("truncate", "drop"):
-            raise ValueError(f"overflow: expected 'truncate' or 'drop', found {self.overflow!r}")
+            raise ConfigError(f"overflow: expected 'truncate' or 'drop', found {self.overflow!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction: expected a value in [0, 1), found {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction: expected a value in [0, 1), found {self.eval_fraction}")
 
 
 def split_eval(
@@ -107,18 +108,11 @@ class NonFiniteWeights(RuntimeError):
     """Training produced NaN or infinite weights; nothing is committed."""
 
 
-def first_nonfinite(model) -> str | None:
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
-            return name
-    return None
-
-
 class CommitMarkerCallback(TrainerCallback):
     """Marks each Trainer checkpoint committed once the Trainer has finished writing it, if its weights are finite."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        bad = first_nonfinite(model) if model is not None else None
+        bad = nonfinite_parameter(model) if model is not None else None
         if bad:
             log.error("checkpoint-%d has non-finite weights (%s): left uncommitted", state.global_step, bad)
         elif state.is_world_process_zero:
@@ -197,7 +191,7 @@ def finish_output(
     config = run.config
     trainer.accelerator.wait_for_everyone()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    bad = first_nonfinite(model)
+    bad = nonfinite_parameter(model)
     if bad:
         raise NonFiniteWeights(f"{run.stage}: parameter {bad} is not finite after training; nothing saved")
     if hasattr(model, "merge_and_unload") and merge_lora:

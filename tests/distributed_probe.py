@@ -10,8 +10,8 @@ step. The test compares ranks. Production code knows nothing about this: the pro
 
     accelerate launch --config_file configs/accelerate/zero3_cpu.yaml tests/distributed_probe.py PROBE_DIR ppo ...
 
-PPO (tests/test_distributed_ppo.py) is our own loop, so the probe wraps functions of `rlhf.ppo` instead:
-`Trainer.optimizer_step` (hash the full weights after each step, keyed `update.step`), `generate` (count the
+PPO (tests/test_distributed_ppo.py) is our own loop, so the probe wraps functions of `rlhf.ppo.update` instead:
+`PPORun.optimizer_step` (hash the full weights after each step, keyed `update.step`), `generate` (count the
 all-gathers issued while generating: 0 when ZeRO-3's weights were gathered once before the call; the engine's
 forward is counted too, as the control) and, with PROBE_NAN_AT=update.step, `ppo_policy_loss` (NaN at that step).
 """
@@ -115,18 +115,19 @@ def counting_gathers(action, into: list):
 def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
     """`rlhf.ppo.cli` with hashes after each optimizer step (key `update.step`) and all-gather counts; `nan_at`
     (a key) makes that step's policy loss NaN, as a numerical blow-up would."""
-    from rlhf import ppo
+    from rlhf.distributed import zero_stage
+    from rlhf.ppo import stage, update
 
     record: dict = {"steps": {}, "policy_steps": {}, "generate_gathers": [], "forward_gathers": []}
     trainers, current = [], {"key": None}
     real_step, real_generate, real_forward = (
-        ppo.Trainer.optimizer_step,
-        ppo.generate,
-        ppo.Trainer.forward_in_chunks,
+        update.PPORun.optimizer_step,
+        update.generate,
+        update.PPORun.forward_in_chunks,
     )
-    real_policy_loss = ppo.ppo_policy_loss
+    real_policy_loss = update.ppo_policy_loss
 
-    def optimizer_step(self, batch, minibatch, tokens):
+    def optimizer_step(self, batch, minibatch):
         if not trainers:
             trainers.append(self)
             # Now, while the process group is up (end_training tears it down).
@@ -134,11 +135,11 @@ def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
                 rank=dist.get_rank(),
                 world_size=dist.get_world_size(),
                 backend=dist.get_backend(),
-                zero_stage=ppo.zero_stage(self.accelerator),
+                zero_stage=zero_stage(self.accelerator),
                 zero_optimizer=type(getattr(self.optimizer, "optimizer", None)).__name__,
             )
         current["key"] = f"{self.update}.{sum(k.startswith(f'{self.update}.') for k in record['steps'])}"
-        stats = real_step(self, batch, minibatch, tokens)
+        stats = real_step(self, batch, minibatch)
         model = self.accelerator.unwrap_model(self.model)
         record["steps"][current["key"]] = parameter_hash(model)
         record["policy_steps"][current["key"]] = parameter_hash(model.policy)
@@ -155,11 +156,11 @@ def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
         # The control: the engine's own forward under ZeRO-3 gathers each layer's weights.
         return counting_gathers(lambda: real_forward(self, batch), record["forward_gathers"])
 
-    ppo.Trainer.optimizer_step = optimizer_step
-    ppo.Trainer.forward_in_chunks = forward_in_chunks
-    ppo.generate = generate
-    ppo.ppo_policy_loss = policy_loss
-    code = ppo.cli(argv)
+    update.PPORun.optimizer_step = optimizer_step
+    update.PPORun.forward_in_chunks = forward_in_chunks
+    update.generate = generate
+    update.ppo_policy_loss = policy_loss
+    code = stage.cli(argv)
     if trainers:
         record.update(updates=trainers[0].update, nonfinite_total=trainers[0].nonfinite_total)
         os.makedirs(probe_dir, exist_ok=True)

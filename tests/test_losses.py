@@ -13,7 +13,6 @@ from rlhf.losses import (
     compute_gae,
     compute_rewards,
     entropy_from_logits,
-    explained_variance,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
@@ -95,20 +94,6 @@ def test_masked_whiten_leaves_fewer_than_8_values_unchanged() -> None:
     x = torch.arange(10.0).reshape(2, 5)
     mask = right_padded_mask([4, 3], 5)  # 7 valid values
     assert torch.equal(masked_whiten(x, mask), x * mask)
-
-
-def test_explained_variance() -> None:
-    torch.manual_seed(4)
-    returns = torch.randn(3, 5)
-    mask = right_padded_mask([5, 4, 2], 5)
-    garbage = torch.where(mask.bool(), returns, 1e6)
-    assert explained_variance(garbage, returns, mask) == pytest.approx(1.0)
-    mean_only = torch.full_like(returns, masked_mean(returns, mask).item())
-    assert explained_variance(mean_only, returns, mask) == pytest.approx(0.0, abs=1e-6)
-    assert math.isnan(explained_variance(returns, torch.ones(3, 5), mask))
-
-
-# --- log-probs and entropy -----------------------------------------------------------------------------------------
 
 
 def test_logprobs_from_logits_matches_log_softmax_gather_with_gradients() -> None:

@@ -10,7 +10,7 @@ import torch
 from conftest import launch_two_processes, write_jsonl
 
 from rlhf.config import parse_config
-from rlhf.ppo import PPOStageConfig, TrainingAborted, build_trainer, main
+from rlhf.ppo import PPOStageConfig, TrainingAborted, build_run, main
 from rlhf.rewards import RewardSourceError
 
 PROMPTS = [f"What is {a} + {b}?" for a in range(1, 9) for b in range(1, 5)]
@@ -45,12 +45,12 @@ def ppo_config(tmp_path: Path, model_dir: str, **overrides) -> PPOStageConfig:
 
 
 def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model_dir):
-    trainer = build_trainer(ppo_config(tmp_path, tiny_model_dir))
-    batch, stats, _, _ = trainer.rollout({})
+    run = build_run(ppo_config(tmp_path, tiny_model_dir))
+    batch, stats, _, _ = run.rollout({})
     assert stats["objective/kl"] == 0.0 and stats["objective/kl_k3"] == 0.0
-    trainer.model.train()
-    first = torch.arange(trainer.config.micro_batch_size)
-    logprobs, _, values = trainer.model(batch.select(first), trainer.config.temperature)
+    run.model.train()
+    first = torch.arange(run.config.micro_batch_size)
+    logprobs, _, values = run.model(batch.select(first), run.config.temperature)
     mask = batch.response_mask[first].bool()
     ratio = torch.exp(logprobs - batch.logprobs[first])[mask]
     assert torch.equal(ratio, torch.ones_like(ratio))
@@ -58,9 +58,9 @@ def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model
 
 
 def test_responses_are_cut_after_the_first_eos(tmp_path, tiny_model_dir):
-    trainer = build_trainer(ppo_config(tmp_path, tiny_model_dir, max_new_tokens=24))
-    batch, _, _, _ = trainer.rollout({})
-    tok = trainer.tokenizer
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, max_new_tokens=24))
+    batch, _, _, _ = run.rollout({})
+    tok = run.tokenizer
     for ids, mask, has_eos in zip(batch.response_ids, batch.response_mask, batch.has_eos, strict=True):
         length = int(mask.sum())
         if has_eos:
@@ -136,7 +136,7 @@ def test_reward_functions_outside_the_allowed_modules_are_refused(tmp_path, tiny
 
 
 def test_nonfinite_losses_skip_steps_then_abort_without_saving(tmp_path, tiny_model_dir, monkeypatch):
-    import rlhf.ppo as ppo
+    import rlhf.ppo.update as ppo
 
     real = ppo.ppo_policy_loss
 
@@ -153,7 +153,7 @@ def test_nonfinite_losses_skip_steps_then_abort_without_saving(tmp_path, tiny_mo
 
 
 def test_prompts_are_validated_before_models_load(tmp_path, monkeypatch):
-    import rlhf.ppo as ppo
+    import rlhf.ppo.stage as ppo
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
@@ -193,21 +193,21 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir):
 
 
 def test_always_full_length_samples_past_eos_then_cuts(tmp_path, tiny_model_dir, monkeypatch):
-    trainer = build_trainer(
+    run = build_run(
         ppo_config(tmp_path, tiny_model_dir, max_new_tokens=16, always_full_length="true")
     )
     seen = {}
-    real = trainer.policy.generate
+    real = run.policy.generate
 
     def spy(**kwargs):
         seen.update(kwargs)
         out = real(**kwargs)
         # Plant an EOS mid-answer: sampling went on past it, and the rollout must cut there.
-        out[0, kwargs["input_ids"].shape[1] + 3] = trainer.tokenizer.eos_token_id
+        out[0, kwargs["input_ids"].shape[1] + 3] = run.tokenizer.eos_token_id
         return out
 
-    monkeypatch.setattr(trainer.policy, "generate", spy)
-    batch, _, _, _ = trainer.rollout({})
+    monkeypatch.setattr(run.policy, "generate", spy)
+    batch, _, _, _ = run.rollout({})
     # EOS is not forbidden (no min_new_tokens): the sampled distribution stays the policy's.
     assert seen["eos_token_id"] is None and not seen.get("min_new_tokens")
     assert batch.response_ids.shape[1] == 16

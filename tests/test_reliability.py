@@ -23,7 +23,7 @@ from test_ppo import ppo_config
 
 from rlhf import cli
 from rlhf.checkpoint import COMMIT_MARKER, HandoffError, committed_checkpoints
-from rlhf.ppo import TrainingAborted, build_trainer, main
+from rlhf.ppo import TrainingAborted, build_run, main
 
 ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "HF_HUB_OFFLINE": "1"}
 
@@ -173,7 +173,7 @@ def test_ppo_killed_and_resumed_matches_uninterrupted_including_next_rollout(tmp
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_resume_skips_the_partial(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    import rlhf.ppo as ppo
+    import rlhf.ppo.checkpoint as ppo
 
     config = ppo_config(tmp_path, tiny_model_dir, total_updates=4, save_every=2)
     real_save = torch.save
@@ -274,7 +274,7 @@ def test_the_next_stage_refuses_a_damaged_hand_off(tmp_path, sft_output, damage,
     damage(damaged)
     config = ppo_config(tmp_path, str(damaged))
     with pytest.raises(HandoffError, match=message):
-        build_trainer(config)
+        build_run(config)
 
 
 def test_the_next_stage_refuses_a_tokenizer_that_differs(tmp_path, sft_output):
@@ -292,14 +292,14 @@ def test_the_next_stage_refuses_a_tokenizer_that_differs(tmp_path, sft_output):
         manifest["files"][name] = sha256_file(changed / name)
     (changed / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(HandoffError, match="chat_template_sha256"):
-        build_trainer(ppo_config(tmp_path, str(changed)))
+        build_run(ppo_config(tmp_path, str(changed)))
 
 
 # ------------------------------------------------------------------------------------------- 5. numerical faults
 
 
 def test_a_nan_reward_skips_updates_then_aborts_naming_the_update(tmp_path, tiny_model_dir, monkeypatch):
-    import rlhf.ppo as ppo
+    import rlhf.ppo.update as ppo
 
     real = ppo.compute_rewards
     monkeypatch.setattr(
@@ -342,7 +342,7 @@ def test_sft_with_exploding_loss_aborts_and_commits_nothing_non_finite(tmp_path,
 
 @pytest.mark.parametrize("kind", ["all-empty", "all-max-length", "one-repeated-token"])
 def test_degenerate_rollouts_neither_crash_nor_produce_nan(tmp_path, tiny_model_dir, monkeypatch, kind):
-    import rlhf.ppo as ppo
+    import rlhf.ppo.update as ppo
 
     def fake_generate(policy, query_ids, query_mask, tokenizer, config):
         shape = (query_ids.shape[0], config.max_new_tokens)
@@ -409,9 +409,9 @@ def test_a_pickled_payload_in_trainer_state_is_refused_and_never_runs(tmp_path, 
             return (os.system, (f"touch {marker}",))
 
     torch.save({"optimizer": Payload()}, checkpoint / "trainer_state.pt")
-    trainer = build_trainer(config)
+    run = build_run(config)
     with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported"):
-        ppo.load_checkpoint(trainer, str(checkpoint))
+        ppo.load_checkpoint(run, str(checkpoint))
     assert not marker.exists()
 
 

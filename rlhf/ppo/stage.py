@@ -1,0 +1,314 @@
+"""The PPO stage: set-up, the loop of updates, the final save. One update's steps are in `rlhf.ppo.update`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.checkpoint import (
+    begin_stage_output,
+    check_tokenizer_matches,
+    read_manifest,
+    resolve_resume,
+    stage_manifest,
+    write_manifest,
+)
+from rlhf.config import ConfigError, config_to_dict, dump_config, parse_config
+from rlhf.data import (
+    Report,
+    content_hash,
+    load_demonstrations,
+    load_prompts,
+    render_prompt,
+    tokenize_demonstrations,
+)
+from rlhf.distributed import configure_deepspeed, device_options, frozen_loading, full_weights
+from rlhf.losses import AdaptiveKLController, FixedKLController
+from rlhf.models import LoraSettings, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
+from rlhf.ppo.checkpoint import PARTS, check_finite, load_checkpoint, save_checkpoint
+from rlhf.ppo.config import PPOStageConfig
+from rlhf.ppo.update import PPORun, PromptSet
+from rlhf.rewards import RewardModelScorer, load_function
+from rlhf.rollout import PolicyAndValue, Rollout
+
+log = logging.getLogger(__name__)
+
+
+def load_prompt_set(
+    config: PPOStageConfig, tokenizer, rows: list[dict[str, Any]], report: Report
+) -> tuple[PromptSet, dict[str, int]]:
+    ids, kept = [], []
+    for row in rows:
+        encoded = tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        if len(encoded) > config.max_prompt_length:
+            report.drop("prompt over max_prompt_length")
+            continue
+        ids.append(encoded)
+        kept.append(row)
+    if len(kept) < config.rollout_batch_size:
+        raise ConfigError(
+            f"train_data: {len(kept)} usable prompts, fewer than rollout_batch_size {config.rollout_batch_size}"
+        )
+    return PromptSet(ids, kept), report.drops
+
+
+def build_reward_sources(config: PPOStageConfig, device) -> dict[str, tuple[Any, float]]:
+    sources = {}
+    for name, weight in zip(config.reward_sources, config.reward_weights, strict=True):
+        if name == "reward_model":
+            sources[name] = (RewardModelScorer(config.reward_model, device, clip=config.reward_clip), weight)
+        elif name == "safety":
+            from rlhf.safety import SafetyReward
+
+            sources[name] = (SafetyReward.from_yaml(config.safety_config), weight)
+        else:
+            sources[name] = (load_function(name, config.reward_allowed_modules), weight)
+    return sources
+
+
+def load_models(config: PPOStageConfig, tokenizer, frozen=None):
+    """-> (policy, reference or None, value). `frozen`: a context the reference loads in (whole, see frozen_loading)."""
+    lora = LoraSettings(config.lora_r, config.lora_alpha) if config.use_lora else None
+    policy = load_causal_lm(config.policy_model, tokenizer, config.dtype, config.trust_remote_code, lora)
+    reference = None
+    if config.reference_model:
+        with frozen or nullcontext():
+            reference = load_causal_lm(
+                config.reference_model, tokenizer, config.dtype, config.trust_remote_code
+            ).eval()
+        reference.requires_grad_(False)
+    value_path = config.reward_model if config.value_init == "reward" else config.policy_model
+    value = load_scalar_model(value_path, tokenizer, config.dtype, config.trust_remote_code)
+    for model in (policy, reference, value):
+        if model is not None:
+            disable_dropout(model)
+    return policy, reference, value
+
+
+
+def build_run(config: PPOStageConfig) -> PPORun:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    prompt_rows, prompt_report = load_prompts(config.train_data)  # validated before any model loads
+    ptx_rows = load_demonstrations(config.ptx_data)[0] if config.ptx_coef > 0 else None
+    policy_manifest = stage_manifest(config.policy_model, "sft")
+    tokenizer = load_tokenizer(config.policy_model, config.trust_remote_code, padding_side="left")
+    if policy_manifest:
+        tokenizer.padding_side = policy_manifest["tokenizer"]["padding_side"]
+        check_tokenizer_matches(policy_manifest, tokenizer, config.policy_model)
+    if config.reward_model:
+        read_manifest(config.reward_model, "reward")
+    prompts, drops = load_prompt_set(config, tokenizer, prompt_rows, prompt_report)
+    if drops:
+        log.warning("prompts dropped: %s", drops)
+
+    trackers = [t for t in config.report_to if t != "none"]
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # We step the scheduler once per update ourselves; linked to the optimizer, accelerate would step it
+        # once per process (it assumes a dataloader sharded across processes).
+        step_scheduler_with_optimizer=False,
+        log_with=trackers or None,
+        project_dir=config.output_dir,
+        **device_options(config),
+    )
+    configure_deepspeed(accelerator, config)
+    # Data order is shared by all ranks (PromptSet uses config.seed); sampling must differ per rank.
+    set_seed(config.seed + accelerator.process_index)
+    policy, reference, value = load_models(config, tokenizer, frozen_loading(accelerator))
+    model = PolicyAndValue(policy, value)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1 - step / config.total_updates)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if reference is not None:
+        reference = reference.to(accelerator.device)
+    kl_ctl = (
+        AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        if config.target_kl
+        else FixedKLController(config.kl_coef)
+    )
+    ptx = (
+        tokenize_demonstrations(tokenizer, ptx_rows, 512, "truncate", "drop", Report()) if ptx_rows else None
+    )
+    with frozen_loading(accelerator):
+        sources = build_reward_sources(config, accelerator.device)
+    return PPORun(
+        config, accelerator, tokenizer, model, reference, optimizer, scheduler, kl_ctl, sources, prompts, ptx,
+        # Demonstrations differ per rank, like sampling.
+        ptx_generator=torch.Generator().manual_seed(config.seed + accelerator.process_index),
+    )
+
+
+def main(config: PPOStageConfig) -> dict[str, Any]:
+    # A resume path that cannot be used is an error before any model loads.
+    resume = resolve_resume(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
+    run = build_run(config)
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        begin_stage_output(config.output_dir)
+        dump_config(config, f"{config.output_dir}/config.yaml")
+    if resume:
+        load_checkpoint(run, resume)
+        log.warning("resumed from %s at update %d", resume, run.update)
+    accelerator.init_trackers("ppo", config=_flat_config(config))
+    started, history = time.time(), []
+    bar = tqdm(
+        total=config.total_updates,
+        initial=run.update,
+        desc="PPO",
+        disable=not accelerator.is_main_process,
+    )
+    while run.update < config.total_updates:
+        stats = run_update(run)
+        history.append(stats)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        if run.update % config.save_every == 0 and run.update < config.total_updates:
+            save_checkpoint(run)
+    bar.close()
+    save_checkpoint(run)
+    metrics = summarise_history(history, time.time() - started, run)
+    save_final(run, metrics)
+    accelerator.end_training()
+    return metrics
+
+
+def run_update(run: PPORun) -> dict[str, float]:
+    config, accelerator = run.config, run.accelerator
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    batch, stats, prompts, completions = run.rollout(timings)
+    train_start = time.perf_counter()
+    if rollout_is_finite(batch):
+        stats.update(run.train_on(batch))
+    else:
+        # A NaN in the rewards (or log-probs) would poison every weight it touches: skip this update's training.
+        run.skip_nonfinite_step()
+        stats["loss/nonfinite_steps"] = 1.0
+        run.scheduler.step()
+    timings["train"] = time.perf_counter() - train_start
+    run.kl_ctl.update(stats["objective/kl"], config.rollout_batch_size * accelerator.num_processes)
+    run.update += 1
+    elapsed = time.perf_counter() - start
+    stats.update({f"time/{k}": v for k, v in timings.items()})
+    stats["time/update"] = elapsed
+    stats["throughput/tokens_per_second"] = float(batch.response_mask.sum()) / max(timings["generate"], 1e-9)
+    stats["lr"] = run.scheduler.get_last_lr()[0]
+    stats["loss/nonfinite_total"] = run.nonfinite_total
+    if run.update % config.log_every == 0:
+        accelerator.log(stats, step=run.update)
+    if accelerator.is_main_process and (run.update % config.sample_every == 0 or run.update == 1):
+        write_samples(config.output_dir, run.update, prompts, completions, batch.scores.tolist())
+    return stats
+
+
+def rollout_is_finite(batch: Rollout) -> bool:
+    mask = batch.response_mask.bool()
+    tensors = (
+        batch.scores,
+        batch.advantages[mask],
+        batch.returns[mask],
+        batch.logprobs[mask],
+        batch.ref_logprobs[mask],
+    )
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def write_samples(
+    output_dir: str, update: int, prompts: list[str], completions: list[str], scores: list[float]
+) -> None:
+    with open(Path(output_dir) / "samples.jsonl", "a") as handle:
+        for prompt, completion, score in list(zip(prompts, completions, scores, strict=True))[:8]:
+            handle.write(
+                json.dumps({"update": update, "prompt": prompt, "completion": completion, "score": score})
+                + "\n"
+            )
+
+
+def summarise_history(history: list[dict[str, float]], seconds: float, run: PPORun) -> dict[str, Any]:
+    def window(key: str, part: slice) -> float | None:
+        values = [h[key] for h in history[part] if key in h]
+        return float(np.mean(values)) if values else None
+
+    n = max(1, len(history) // 5)
+    return {
+        "updates": run.update,
+        "wall_seconds": round(seconds, 2),
+        "reward_first": window("reward/total", slice(0, n)),
+        "reward_last": window("reward/total", slice(-n, None)),
+        "kl_first": window("objective/kl", slice(0, n)),
+        "kl_last": window("objective/kl", slice(-n, None)),
+        "kl_max": max((h["objective/kl"] for h in history), default=None),
+        "eos_rate_last": window("response/eos_rate", slice(-n, None)),
+        "nonfinite_steps": run.nonfinite_total,
+        "history": history,
+    }
+
+
+def save_final(run: PPORun, metrics: dict[str, Any]) -> None:
+    accelerator, config = run.accelerator, run.config
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(run.model)
+    check_finite(run, "final policy")
+    weights = full_weights(accelerator, run.model, PARTS)
+    if accelerator.is_main_process:
+        policy = (
+            model.policy.merge_and_unload()
+            if hasattr(model.policy, "merge_and_unload") and config.merge_lora
+            else model.policy
+        )
+        policy.save_pretrained(config.output_dir, state_dict=weights["policy"], safe_serialization=True)
+        run.tokenizer.save_pretrained(config.output_dir)
+        model.value.save_pretrained(
+            Path(config.output_dir) / "value", state_dict=weights["value"], safe_serialization=True
+        )
+        if run.ema is not None:
+            from safetensors.torch import save_file
+
+            Path(config.output_dir, "ema").mkdir(exist_ok=True)
+            save_file(
+                {k: v.contiguous() for k, v in run.ema.items()},
+                str(Path(config.output_dir, "ema", "model.safetensors")),
+            )
+        with open(Path(config.output_dir) / "history.jsonl", "w") as handle:
+            handle.writelines(json.dumps(h) + "\n" for h in metrics["history"])
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        write_manifest(
+            config.output_dir,
+            "ppo",
+            config_to_dict(config),
+            content_hash(config.train_data),
+            summary,
+            run.tokenizer,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _flat_config(config: PPOStageConfig) -> dict[str, Any]:
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for k, v in config_to_dict(config).items()
+    }
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from rlhf.cli import run_guarded
+
+    return run_guarded(lambda: main(parse_config(PPOStageConfig, argv)))
