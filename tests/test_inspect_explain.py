@@ -138,7 +138,7 @@ def test_planted_neuron_is_explained_by_its_token_with_score_at_least_0_9(tmp_pa
     model.save_pretrained(planted)
     tokenizer.save_pretrained(planted)
     data = write_jsonl(tmp_path / "dialogues.jsonl", mixed_dialogues(160))
-    unit = f"mlp.{PLANTED_LAYER}.{PLANTED_NEURON}"
+    unit = f"L{PLANTED_LAYER}.N{PLANTED_NEURON}"
     run(["neurons", "--model", str(planted), "--data", str(data), "--out", str(tmp_path / "rec")])
     run(
         [
@@ -147,7 +147,7 @@ def test_planted_neuron_is_explained_by_its_token_with_score_at_least_0_9(tmp_pa
             str(tmp_path / "rec"),
             "--units",
             unit,
-            "mlp.0.3",
+            "L0.N3",
             "--out",
             str(tmp_path / "x"),
         ]
@@ -182,7 +182,7 @@ def test_random_weight_neurons_score_near_zero(tiny_model_dir):
     rec = record(model, tokenizer, excerpts, top_k=20, n_random=20)
     scores = []
     for neuron in range(0, 128, 8):
-        (top, rand), held_out = split_excerpts(*rec.excerpts(f"mlp.1.{neuron}"))
+        (top, rand), held_out = split_excerpts(*rec.excerpts(f"L1.N{neuron}"))
         scores.append(score_explanation(token_simulator, token_explainer(top, rand), held_out))
     assert abs(np.mean(scores)) < 0.15
 

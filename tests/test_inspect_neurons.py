@@ -54,7 +54,7 @@ def test_streamed_top_k_matches_one_excerpt_at_a_time(kind):
         for neuron in (0, 7, 23):
             peaks = torch.tensor([acts[:, neuron].max() for acts in per_excerpt])
             expected = peaks.topk(5).indices.tolist()
-            top, rand = rec.excerpts(f"mlp.{layer}.{neuron}")
+            top, rand = rec.excerpts(f"L{layer}.N{neuron}")
             assert [e.tokens for e in top] == [[f"t{i}" for i in excerpts[j]] for j in expected]
             for e, j in zip(top + rand, expected + rec.tensors["random_index"].tolist(), strict=True):
                 torch.testing.assert_close(
@@ -66,13 +66,16 @@ def test_streamed_top_k_matches_one_excerpt_at_a_time(kind):
 
 def test_recording_round_trips_through_safetensors_and_json(tmp_path):
     torch.manual_seed(0)
-    rec = record(tiny("llama"), DigitTokenizer(), [[1, 2, 3, 4], [5, 6, 7, 8, 9]], top_k=2, n_random=1)
+    rec = record(
+        tiny("llama"), DigitTokenizer(), [[1, 2, 3, 4], [5, 6, 7, 8, 9]], top_k=2, n_random=1, heads=True
+    )
     rec.meta["model"] = "m"
     rec.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["activations.safetensors", "record.json"]
     back = Recording.load(tmp_path)
     assert back.tokens == rec.tokens and back.meta["model"] == "m"
-    assert back.excerpts("mlp.1.3") == rec.excerpts("mlp.1.3")
+    assert back.excerpts("L1.N3") == rec.excerpts("L1.N3")
+    assert back.excerpts("L1.H1")[0]  # heads recorded as units too
 
 
 def test_documents_from_text_demonstrations_and_prompts(tmp_path, tiny_tokenizer):

@@ -359,7 +359,7 @@ def make_pair(kind: str, model: str | None, simulator_model: str | None) -> tupl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neurons", required=True, help="A recording directory from `rlhf inspect neurons`.")
     parser.add_argument(
-        "--units", nargs="*", help="Units to explain, e.g. mlp.2.17 attn.0.3 (default: see --top)."
+        "--units", nargs="*", help="Units to explain, e.g. L2.N17 L0.H3 (default: see --top)."
     )
     parser.add_argument(
         "--top",
@@ -378,24 +378,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select_units(recording, names: list[str] | None, top: int) -> list[str]:
-    from rlhf.inspect import InspectError
+    from rlhf.inspect.neurons import unit_name
 
     if names:
         for name in names:
-            family, _, index = name.rpartition(".")
-            if (
-                family not in recording.families
-                or not index.isdigit()
-                or int(index) >= recording.units(family)
-            ):
-                raise InspectError(
-                    f"unit {name!r} is not in the recording (families: {', '.join(recording.families)})"
-                )
+            recording.excerpts(name)  # raises InspectError naming a unit the recording lacks
         return list(names)
     units = []
     for family in recording.families:
         order = recording.tensors[f"{family}.max"].argsort(descending=True).tolist()
-        units += [f"{family}.{u}" for u in (order[:top] if top else sorted(order))]
+        units += [unit_name(family, u) for u in (order[:top] if top else sorted(order))]
     return units
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,22 @@ from rlhf.inspect.model_parts import (
 )
 
 ACTIVATIONS_FILE, RECORD_FILE = "activations.safetensors", "record.json"
+# Units are named as in `rlhf inspect logit-diff`: L2.N17 is neuron 17 of layer 2, L0.H3 head 3 of layer 0.
+# Stored tensors group them by family: `mlp.2` holds layer 2's neurons, `attn.0` layer 0's heads.
+UNIT_NAME = re.compile(r"^L(\d+)\.([NH])(\d+)$")
+
+
+def unit_name(family: str, index: int) -> str:
+    kind, layer = family.split(".")
+    return f"L{layer}.{'N' if kind == 'mlp' else 'H'}{index}"
+
+
+def unit_key(name: str) -> tuple[str, int]:
+    """`L2.N17` -> (`mlp.2`, 17); InspectError for anything else."""
+    match = UNIT_NAME.match(name)
+    if not match:
+        raise InspectError(f"unit {name!r}: expected L<layer>.N<neuron> or L<layer>.H<head>, e.g. L1.N5")
+    return f"{'mlp' if match[2] == 'N' else 'attn'}.{match[1]}", int(match[3])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,9 +208,10 @@ class Recording:
         return self.tensors[f"{family}.max"].shape[0]
 
     def excerpts(self, unit: str) -> tuple[list[Excerpt], list[Excerpt]]:
-        """(top, random) excerpts of a unit named `family.index`, e.g. `mlp.2.17` or `attn.0.3`."""
-        family, index = unit.rsplit(".", 1)
-        u = int(index)
+        """(top, random) excerpts of a unit, e.g. `L2.N17` or `L0.H3`."""
+        family, u = unit_key(unit)
+        if family not in self.families or u >= self.units(family):
+            raise InspectError(f"unit {unit} is not in the recording (families: {', '.join(self.families)})")
         top = self.tensors[f"{family}.top_index"][u].tolist()
         rand = self.tensors["random_index"].tolist()
 
@@ -319,9 +337,9 @@ def run(args: argparse.Namespace) -> int:
         peaks = recording.tensors[f"{family}.max"]
         sections.append(html.heading(f"{family}: the 5 units with the largest activation"))
         for u in peaks.argsort(descending=True)[:5].tolist():
-            top, _ = recording.excerpts(f"{family}.{u}")
+            top, _ = recording.excerpts(unit_name(family, u))
             cards = [(e.tokens, e.activations) for e in top[:3]]
-            sections.append(html.unit_card(f"{family}.{u}", None, None, cards, float(peaks[u])))
+            sections.append(html.unit_card(unit_name(family, u), None, None, cards, float(peaks[u])))
     html.write_page(Path(args.out) / "neurons.html", "Neuron activations", sections)
     units = sum(recording.units(f) for f in recording.families)
     print(f"recorded {units} units over {recording.meta['excerpts']} excerpts -> {args.out}")
