@@ -69,7 +69,8 @@ def data_validate(argv: list[str]) -> int:
 
             tokenizer = load_tokenizer(args.tokenizer)
         summary = summarise(args.kind, rows, tokenizer)
-        summary["rows"] = report.rows
+        summary.update(report.counts())
+        summary["dropped_rows"] = [str(p) for p in report.dropped_at]
         print(json.dumps(summary, indent=2))
 
     return run_guarded(action)

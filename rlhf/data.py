@@ -10,6 +10,12 @@ not per stage:
 
 Messages are ``{"role": "system" | "user" | "assistant", "content": str}``. Validation collects every problem as
 ``PATH:LINE: what is wrong (field, expected, found)`` before any model is loaded; callers raise `DataError`.
+
+Malformed rows (not JSON, a missing or mistyped field, no assistant turn) are errors. Well-formed but degenerate
+rows are data, handled by one policy and counted in the `Report`: an empty assistant answer is kept (real
+labellers sometimes prefer silence to a harmful answer); a pair whose answers are identical, or a conversation
+with an empty user or system turn, is dropped (`on_degenerate="drop"`, the default) or reported as an error
+(`"error"`). Prompt files are the exception: a blank prompt is an error, since the row has nothing else in it.
 One prompt-formatting path (`render_prompt`, the tokenizer's chat template) serves all stages, so SFT, the reward
 model and PPO see identical prompt text.
 """
@@ -31,6 +37,9 @@ ROLES = ("system", "user", "assistant")
 KINDS = ("sft", "pairs", "prompts")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+DEGENERATE_POLICIES = ("drop", "error")
+IDENTICAL = "identical answers"  # drop reason: a pair (or two ranked answers) with the same text
+MESSAGE_FIELDS = ("messages", "prompt", "chosen", "rejected")
 
 # A template for tokenizers that ship none. `{% generation %}` marks assistant text so TRL and
 # `return_assistant_tokens_mask` agree with our own offset-based masks.
@@ -66,6 +75,14 @@ def problem_at(row: dict[str, Any], message: str) -> Problem:
     return Problem(path, int(line), message)
 
 
+class DegenerateRow(ValueError):
+    """A well-formed row the policy drops; `reason` is the count's key, the message says where."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
 class DataError(Exception):
     """Bad input. Carries every problem found so the user fixes them in one pass."""
 
@@ -87,20 +104,42 @@ class Record:
 
 @dataclass
 class Report:
-    """What loading did: rows read, kept, and every drop with its reason (never silent)."""
+    """What loading did: rows read, kept, and every drop with its reason (never silent).
+
+    `rows` counts source rows; `kept` counts examples (a K-way ranking row gives K(K-1)/2 pairs); drops count
+    source rows for degenerate data and examples for over-length ones. `empty_answers` counts kept examples with
+    an empty assistant turn.
+    """
 
     rows: int = 0
     kept: int = 0
     truncated: int = 0
+    empty_answers: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    dropped_at: list[Problem] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, where: Problem | None = None) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+        if where is not None:
+            self.dropped_at.append(where)
+
+    def counts(self) -> dict[str, Any]:
+        """The figures `rlhf data validate` prints and stages write into their manifest."""
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.drops.items())),
+            "empty_answers_kept": self.empty_answers,
+            "truncated": self.truncated,
+        }
 
     def summary(self) -> str:
         dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.drops.items())) or "none"
-        return f"{self.rows} rows read, {self.kept} kept ({self.truncated} truncated), dropped: {dropped}"
+        return (
+            f"{self.rows} rows read, {self.kept} kept ({self.truncated} truncated, "
+            f"{self.empty_answers} with an empty answer), dropped: {dropped}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,8 +315,7 @@ def check_messages(messages: Any, field_name: str) -> list[dict[str, str]]:
             raise RowError(f"{where}.role: expected one of system/user/assistant, found {role!r}")
         if not isinstance(content, str):
             raise RowError(f"{where}.content: expected a string, found {_kind(content)}")
-        if not content.strip():
-            raise RowError(f"{where}.content: empty content")
+        # Blank content is well-formed: `degenerate_reason` applies the policy once the whole row is checked.
         out.append({"role": role, "content": content})
     return out
 
@@ -287,8 +325,6 @@ def _as_messages(value: Any, field_name: str, role: str) -> list[dict[str, str]]
     if is_hh_transcript(value):
         return parse_hh_transcript(value, field_name)
     if isinstance(value, str):
-        if not value.strip():
-            raise RowError(f"{field_name}: blank text")
         return [{"role": role, "content": value}]
     return check_messages(value, field_name)
 
@@ -313,13 +349,13 @@ def demonstration_from_row(row: dict[str, Any]) -> dict[str, Any]:
         )
     elif "instruction" in row:
         instruction = row["instruction"]
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise RowError(f"instruction: expected a non-empty string, found {_kind(instruction)}")
+        if not isinstance(instruction, str):
+            raise RowError(f"instruction: expected a string, found {_kind(instruction)}")
         extra = row.get("input") or ""
         user = instruction if not str(extra).strip() else f"{instruction}\n\n{extra}"
         output = row.get("output")
-        if not isinstance(output, str) or not output.strip():
-            raise RowError(f"output: expected a non-empty string, found {_kind(output)}")
+        if not isinstance(output, str):
+            raise RowError(f"output: expected a string, found {_kind(output)}")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     elif is_hh_transcript(row.get("text")) or is_hh_transcript(row.get("chosen")):
         key = "text" if is_hh_transcript(row.get("text")) else "chosen"
@@ -346,7 +382,7 @@ def split_shared_prefix(
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == len(chosen) == len(rejected):
-        raise RowError("chosen: identical to rejected")
+        raise DegenerateRow(IDENTICAL, "chosen: identical to rejected")
     prompt = chosen[:shared]
     if not prompt or prompt[-1]["role"] != "user":
         raise RowError(
@@ -364,6 +400,8 @@ def _check_prompt(prompt: list[dict], field_name: str) -> list[dict]:
 
 
 def _check_completion(messages: list[dict], field_name: str) -> list[dict]:
+    if not messages:
+        raise RowError(f"{field_name}: no assistant answer after the shared conversation")
     if messages[0]["role"] != "assistant":
         raise RowError(f"{field_name}: expected an assistant answer, found role {messages[0]['role']!r}")
     return messages
@@ -391,12 +429,11 @@ def preferences_from_row(row: dict[str, Any]) -> list[dict[str, Any]]:
         prompt = _check_prompt(_as_messages(row["prompt"], "prompt", "user"), "prompt")
         chosen = _check_completion(_as_messages(chosen_raw, "chosen", "assistant"), "chosen")
         rejected = _check_completion(_as_messages(rejected_raw, "rejected", "assistant"), "rejected")
-        if chosen == rejected:
-            raise RowError("chosen: identical to rejected")
     else:
         full_chosen = _as_messages(chosen_raw, "chosen", "assistant")
         full_rejected = _as_messages(rejected_raw, "rejected", "assistant")
         prompt, chosen, rejected = split_shared_prefix(full_chosen, full_rejected)
+        chosen, rejected = _check_completion(chosen, "chosen"), _check_completion(rejected, "rejected")
     return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}]
 
 
@@ -424,7 +461,8 @@ def _ranking_pairs(row: dict[str, Any], margin: float | None) -> list[dict[str, 
     for better in range(len(ordered)):
         for worse in range(better + 1, len(ordered)):
             if ordered[better] == ordered[worse]:
-                raise RowError(f"responses: answers {ranking[better]} and {ranking[worse]} are identical")
+                message = f"responses: answers {ranking[better]} and {ranking[worse]} are identical"
+                raise DegenerateRow(IDENTICAL, message)
             pairs.append(
                 {"prompt": prompt, "chosen": ordered[better], "rejected": ordered[worse], "margin": margin}
             )
@@ -443,15 +481,53 @@ def prompt_from_row(row: dict[str, Any]) -> dict[str, Any]:
     category = row.get("category")
     if category is not None and not isinstance(category, str):
         raise RowError(f"category: expected a string, found {_kind(category)}")
+    if isinstance(row.get(key), str) and not row[key].strip():
+        raise RowError(f"{key}: blank text")
+    blank = next((i for i, m in enumerate(prompt) if not m["content"].strip()), None)
+    if blank is not None:
+        raise RowError(f"{key}[{blank}].content: empty content")
     extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "category")}
     return {**extra, "prompt": _check_prompt(prompt, key), "category": category}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The degenerate-row policy
+
+
+def check_degenerate(examples: list[dict[str, Any]]) -> None:
+    """Raise `DegenerateRow` for a well-formed row the policy drops: an empty user/system turn, identical answers.
+
+    Runs after the row's structural checks, so a degenerate row never hides a malformed field of its own.
+    """
+    for example in examples:
+        for name in MESSAGE_FIELDS:
+            for index, message in enumerate(example.get(name) or []):
+                if message["role"] != "assistant" and not message["content"].strip():
+                    reason = f"empty {message['role']} turn"
+                    raise DegenerateRow(reason, f"{name}[{index}].content: {reason}")
+        if "chosen" in example and example["chosen"] == example["rejected"]:
+            raise DegenerateRow(IDENTICAL, "chosen: identical to rejected")
+
+
+def has_empty_answer(example: dict[str, Any]) -> bool:
+    """An assistant turn with no text: kept by the policy and scored like any answer (it still ends with EOS)."""
+    return any(
+        m["role"] == "assistant" and not m["content"].strip()
+        for name in MESSAGE_FIELDS
+        for m in example.get(name) or []
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Loading per purpose
 
 
-def _load(sources: str | list[str], to_rows) -> tuple[list[dict[str, Any]], Report]:
+def _load(
+    sources: str | list[str], to_rows, on_degenerate: str | None
+) -> tuple[list[dict[str, Any]], Report]:
+    """Read, map and check every row; `on_degenerate` None means the purpose has no degenerate rows (prompts)."""
+    if on_degenerate is not None and on_degenerate not in DEGENERATE_POLICIES:
+        raise ValueError(f"on_degenerate: expected 'drop' or 'error', found {on_degenerate!r}")
     report = Report()
     out: list[dict[str, Any]] = []
     files = expand_sources(sources)
@@ -462,23 +538,41 @@ def _load(sources: str | list[str], to_rows) -> tuple[list[dict[str, Any]], Repo
             report.rows += 1
             try:
                 rows = to_rows(record.row)
+                if on_degenerate is not None:
+                    check_degenerate(rows)
+            except DegenerateRow as err:
+                where = Problem(record.path, record.line, str(err))
+                if on_degenerate == "error":
+                    report.problems.append(where)
+                else:
+                    report.drop(err.reason, where)
+                continue
             except RowError as err:
                 report.problems.append(Problem(record.path, record.line, str(err)))
                 continue
             for row in rows:
                 row["source"] = f"{record.path}:{record.line}"
             out.extend(rows)
+    if not out and report.dropped_at and not report.problems:
+        # Nothing left to train on: name every dropped row, so the user sees why.
+        left = Problem(str(sources), 0, "no usable rows: every row was dropped as degenerate")
+        report.problems.extend([*report.dropped_at, left])
     if report.problems:
         raise DataError(report.problems)
     report.kept = len(out)
+    report.empty_answers = sum(has_empty_answer(row) for row in out) if on_degenerate else 0
     return out, report
 
 
-def load_demonstrations(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:
-    return _load(sources, lambda row: [demonstration_from_row(row)])
+def load_demonstrations(
+    sources: str | list[str], on_degenerate: str = "drop"
+) -> tuple[list[dict[str, Any]], Report]:
+    return _load(sources, lambda row: [demonstration_from_row(row)], on_degenerate)
 
 
-def load_preferences(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:
+def load_preferences(
+    sources: str | list[str], on_degenerate: str = "drop"
+) -> tuple[list[dict[str, Any]], Report]:
     """Pairs with a `group` id: all pairs of one source row (one prompt's ranking) share it."""
     counter = iter(range(1 << 62))
 
@@ -488,14 +582,44 @@ def load_preferences(sources: str | list[str]) -> tuple[list[dict[str, Any]], Re
             pair["group"] = group
         return pairs
 
-    return _load(sources, to_rows)
+    return _load(sources, to_rows, on_degenerate)
 
 
 def load_prompts(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:
-    return _load(sources, lambda row: [prompt_from_row(row)])
+    return _load(sources, lambda row: [prompt_from_row(row)], on_degenerate=None)
 
 
 LOADERS = {"sft": load_demonstrations, "pairs": load_preferences, "prompts": load_prompts}
+
+
+def conversation_key(example: dict[str, Any]) -> str:
+    """The opening user turn, space- and case-normalised: rows that start the same conversation share it."""
+    messages = example.get("prompt") or example["messages"]
+    opening = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return " ".join(opening.split()).casefold()
+
+
+def split_last_rows(
+    examples: list[dict[str, Any]], count: int, report: Report
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The last `count` source rows as eval, by conversation: no conversation is on both sides.
+
+    All examples of a source row (a ranking's pairs) go together. A training row that opens with the same user
+    turn as an eval row (another branch of the same conversation) is dropped from training and counted.
+    """
+    sources = list(dict.fromkeys(e["source"] for e in examples))
+    held = set(sources[len(sources) - count :]) if count > 0 else set()
+    eval_rows = [e for e in examples if e["source"] in held]
+    eval_keys = {conversation_key(e) for e in eval_rows}
+    train_rows = []
+    for example in examples:
+        if example["source"] in held:
+            continue
+        if conversation_key(example) in eval_keys:
+            report.drop("conversation in eval", problem_at(example, "conversation also in the eval rows"))
+            continue
+        train_rows.append(example)
+    return train_rows, eval_rows
 
 
 # --------------------------------------------------------------------------------------------------------------

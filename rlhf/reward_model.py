@@ -27,8 +27,18 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.checkpoint import resolve_resume, stage_manifest
-from rlhf.config import parse_config
-from rlhf.data import DataError, Report, content_hash, load_preferences, load_prompts, problem_at
+from rlhf.config import ConfigError, parse_config
+from rlhf.data import (
+    DEGENERATE_POLICIES,
+    DataError,
+    Report,
+    content_hash,
+    has_empty_answer,
+    load_preferences,
+    load_prompts,
+    problem_at,
+    split_last_rows,
+)
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import load_scalar_model, load_tokenizer
 from rlhf.rewards import Normalizer, RewardModelScorer, encode_for_scoring, reward_text, score_ids
@@ -69,11 +79,28 @@ class RewardStageConfig(ModelFields, RewardConfig):
     score_batch_size: int = field(
         default=32, metadata={"help": "Batch size when scoring for metrics and statistics."}
     )
+    eval_last_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Hold out the last N rows of train_data as eval, by conversation (training rows opening with "
+            "an eval row's user turn are dropped, counted); 0 = eval_data or eval_fraction."
+        },
+    )
+    on_degenerate: str = field(
+        default="drop",
+        metadata={"help": "Identical answers, empty user turns: 'drop' (counted) or 'error'."},
+    )
 
     def __post_init__(self):
         self.default_precision()
         super().__post_init__()
         self.check_model_fields()
+        if self.on_degenerate not in DEGENERATE_POLICIES:
+            raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
+        if self.eval_last_rows < 0:
+            raise ConfigError(f"eval_last_rows: expected 0 or more, found {self.eval_last_rows}")
+        if self.eval_last_rows and self.eval_data:
+            raise ConfigError("eval_last_rows: holds out part of train_data, so eval_data must be empty")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -85,7 +112,7 @@ def encode_pairs(
 ) -> list[dict[str, Any]]:
     """Pairs -> chosen_ids / rejected_ids / margin / weight; over-length pairs truncated or dropped, counted."""
     group_sizes = Counter(pair["group"] for pair in pairs)
-    encoded = []
+    encoded, empty_answers = [], 0
     for pair in pairs:
         chosen = encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair["chosen"]))
         rejected = encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair["rejected"]))
@@ -100,7 +127,8 @@ def encode_pairs(
         row["weight"] = 1.0 / group_sizes[pair["group"]] if config.group_weighting else 1.0
         row["margin"] = pair["margin"] if pair["margin"] is not None else 0.0
         encoded.append(row)
-    report.kept = len(encoded)
+        empty_answers += has_empty_answer(pair)
+    report.kept, report.empty_answers = len(encoded), empty_answers
     return encoded
 
 
@@ -191,19 +219,29 @@ def reference_scores(model, tokenizer, config: RewardStageConfig, train_pairs: l
 # The stage
 
 
-def main(config: RewardStageConfig) -> dict[str, Any]:
-    train_pairs, report = load_preferences(config.train_data)
+def load_pairs(config: RewardStageConfig) -> tuple[list[dict], list[dict], Report, Report]:
+    """Train and eval pairs with their data reports; every source is validated before any model loads."""
+    train_pairs, report = load_preferences(config.train_data, config.on_degenerate)
     if config.eval_data:
-        eval_pairs, _ = load_preferences(config.eval_data)
+        eval_pairs, eval_report = load_preferences(config.eval_data, config.on_degenerate)
+        return train_pairs, eval_pairs, report, eval_report
+    if config.eval_last_rows:
+        train_pairs, eval_pairs = split_last_rows(train_pairs, config.eval_last_rows, report)
     else:
         # Split by prompt group, so no prompt's ranking is half in train and half in eval.
         train_pairs, eval_pairs = split_eval(
             train_pairs, config.eval_fraction, config.seed, key=lambda p: p["group"]
         )
+    eval_report = Report(rows=len({p["source"] for p in eval_pairs}))
+    report.rows -= eval_report.rows
+    return train_pairs, eval_pairs, report, eval_report
+
+
+def main(config: RewardStageConfig) -> dict[str, Any]:
+    train_pairs, eval_pairs, report, eval_report = load_pairs(config)
     stage_manifest(config.model_name_or_path)  # a stage output as start model must be finished, intact
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train_rows = encode_pairs(tokenizer, train_pairs, config, report)
-    eval_report = Report(rows=len(eval_pairs))
     eval_rows = encode_pairs(tokenizer, eval_pairs, config, eval_report)
     log.warning("reward data: train %s; eval %s", report.summary(), eval_report.summary())
 
@@ -233,7 +271,10 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     )
     normalizer = Normalizer.fit(reference_scores(scoring_model, tokenizer, config, train_pairs))
     run.metrics.update(
-        train_loss=train_metrics.get("train_loss"), dropped=report.drops, truncated=report.truncated
+        train_loss=train_metrics.get("train_loss"),
+        dropped=report.drops,
+        truncated=report.truncated,
+        data_report={"train": report.counts(), "eval": eval_report.counts()},
     )
     finish_output(
         trainer,

@@ -76,15 +76,10 @@ BAD_CASES = [
         "role: expected one of system/user/assistant, found 'robot'",
     ),
     ("sft", '{"messages": [{"role": "user", "content": 5}]}\n', 1, "content: expected a string, found int"),
-    (
-        "sft",
-        '{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}\n',
-        1,
-        "empty content",
-    ),
+    ("sft", '{"instruction": "Say hi", "output": null}\n', 1, "output: expected a string, found null"),
     ("sft", '{"foo": 1}\n', 1, "messages: missing required field"),
     ("pairs", '{"prompt": "q", "chosen": "a"}\n', 1, "rejected: missing required field"),
-    ("pairs", '{"prompt": "q", "chosen": "a", "rejected": "a"}\n', 1, "chosen: identical to rejected"),
+    ("pairs", '{"prompt": "q", "chosen": "a", "rejected": 3}\n', 1, "rejected: expected a non-empty list"),
     (
         "pairs",
         '{"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 3, 1]}\n',
@@ -98,6 +93,7 @@ BAD_CASES = [
         "ranking: expected a permutation",
     ),
     ("prompts", '{"prompt": "   "}\n', 1, "prompt: blank text"),
+    ("prompts", '{"messages": [{"role": "user", "content": ""}]}\n', 1, "messages[0].content: empty content"),
     ("prompts", '{"category": "allowed"}\n', 1, "prompt: missing required field"),
 ]
 
@@ -169,6 +165,80 @@ def test_validate_command_summarises_good_data(tmp_path, tiny_model_dir):
     summary = json.loads(result.stdout)
     assert summary["examples"] == 3 and summary["categories"] == {"allowed": 3}
     assert summary["tokens"]["max"] > 5
+
+
+# ---------------------------------------------------------------- degenerate rows: data, by policy
+
+
+DEGENERATE_PAIRS = [
+    {"prompt": "q1", "chosen": "", "rejected": "a harmful answer"},  # kept: silence was preferred
+    {"prompt": "q2", "chosen": "same", "rejected": "same"},  # dropped: identical answers
+    {"chosen": "\n\nHuman: \n\nAssistant: a", "rejected": "\n\nHuman: \n\nAssistant: b"},  # empty user turn
+    {"prompt": "q4", "responses": ["x", "y", "x"]},  # dropped: two ranked answers are identical
+    {"prompt": "q5", "chosen": "good", "rejected": "bad"},
+]
+
+
+def test_degenerate_pairs_are_kept_or_dropped_by_policy_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", DEGENERATE_PAIRS)
+    pairs, report = load_preferences(str(path))
+    assert [p["source"] for p in pairs] == [f"{path}:1", f"{path}:5"]
+    assert pairs[0]["chosen"] == [msg(ASSISTANT, "")]
+    assert report.counts() == {
+        "rows": 5,
+        "kept": 2,
+        "dropped": {"empty user turn": 1, "identical answers": 2},
+        "empty_answers_kept": 1,
+        "truncated": 0,
+    }
+    assert [str(p) for p in report.dropped_at] == [
+        f"{path}:2: chosen: identical to rejected",
+        f"{path}:3: prompt[0].content: empty user turn",
+        f"{path}:4: responses: answers 0 and 2 are identical",
+    ]
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(path), on_degenerate="error")
+    assert [p.line for p in caught.value.problems] == [2, 3, 4]
+
+
+def test_degenerate_demonstrations_keep_empty_answers_and_drop_empty_user_turns(tmp_path):
+    rows = [
+        {"messages": [msg(USER, "hi"), msg(ASSISTANT, "")]},
+        {"messages": [msg(USER, "  "), msg(ASSISTANT, "x")]},
+        {"instruction": "", "output": "x"},
+        {"prompt": "Tell me.", "completion": ""},
+    ]
+    loaded, report = load_demonstrations(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert [r["messages"][-1]["content"] for r in loaded] == ["", ""]
+    assert report.drops == {"empty user turn": 2} and report.empty_answers == 2
+
+
+def test_a_degenerate_row_does_not_hide_any_malformed_row(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(row) for row in DEGENERATE_PAIRS[:3]]
+    lines.insert(1, '{"prompt": "q", "chosen": "a"')  # line 2: malformed JSON
+    lines.insert(3, json.dumps({"prompt": "q", "chosen": "a"}))  # line 4: no rejected
+    # line 6: degenerate (empty chosen) and malformed in the same row: the malformed field is still reported
+    lines.insert(5, json.dumps({"prompt": "q", "chosen": "", "rejected": [{"role": "bot", "content": "x"}]}))
+    lines.append(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi"}))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(path))
+    assert [(p.line, p.message.split(":")[0]) for p in caught.value.problems] == [
+        (2, "malformed JSON (Expecting ',' delimiter at column 30)"),
+        (4, "rejected"),
+        (6, "rejected[0].role"),
+        (7, "rejected"),
+    ]
+    assert "no assistant answer" in caught.value.problems[-1].message
+
+
+def test_a_file_with_only_degenerate_rows_is_an_error_naming_them(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(path))
+    assert str(caught.value.problems[0]) == f"{path}:1: chosen: identical to rejected"
+    assert "every row was dropped as degenerate" in str(caught.value.problems[-1])
 
 
 # ---------------------------------------------------------------- preferences

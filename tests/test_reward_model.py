@@ -54,13 +54,13 @@ def keyword_pairs(n: int, seed: int) -> list[dict]:
 
 
 def reward_config(tmp_path, model_dir, train_rows=None, eval_rows=None, **overrides) -> RewardStageConfig:
+    """A short tiny-model run; `eval_rows=[]` leaves eval_data empty (the stage splits train_data)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     train = write_jsonl(tmp_path / "train.jsonl", train_rows or keyword_pairs(256, seed=1))
-    evaluation = write_jsonl(tmp_path / "eval.jsonl", eval_rows or keyword_pairs(64, seed=2))
-    args = {
-        "model_name_or_path": model_dir,
-        "train_data": str(train),
-        "eval_data": str(evaluation),
+    args = {"model_name_or_path": model_dir, "train_data": str(train)}
+    if eval_rows != []:
+        args["eval_data"] = str(write_jsonl(tmp_path / "eval.jsonl", eval_rows or keyword_pairs(64, seed=2)))
+    args |= {
         "output_dir": str(tmp_path / "rm"),
         "max_steps": "16",
         "per_device_train_batch_size": "16",
@@ -137,7 +137,7 @@ def test_hh_rlhf_implicit_prompt_pairs_train_end_to_end(tmp_path, tiny_model_dir
     def hh(rows: list[dict]) -> list[dict]:
         out = []
         for r in rows:
-            context = f"\n\nHuman: Hello.\n\nAssistant: Hi, how can I help?\n\nHuman: {r['prompt']}"
+            context = f"\n\nHuman: {r['prompt']}\n\nAssistant: Let me see.\n\nHuman: Go on."
             out.append(
                 {
                     "chosen": f"{context}\n\nAssistant: {r['chosen']}",
@@ -146,16 +146,32 @@ def test_hh_rlhf_implicit_prompt_pairs_train_end_to_end(tmp_path, tiny_model_dir
             )
         return out
 
-    train, evaluation = hh(keyword_pairs(128, seed=3)), hh(keyword_pairs(32, seed=4))
-    config = reward_config(tmp_path, tiny_model_dir, train, evaluation, max_steps=10)
+    raw = keyword_pairs(160, seed=3)
+    # Real data's degenerate rows: an empty preferred answer (kept), identical answers (dropped, counted).
+    degenerate = [
+        {"prompt": "Say nothing.", "chosen": "", "rejected": "No."},
+        {**raw[0], "rejected": raw[0]["chosen"]},
+    ]
+    rows = hh(raw[:64] + degenerate + raw[64:])
+    config = reward_config(tmp_path, tiny_model_dir, rows, [], max_steps=10, eval_last_rows=32)
     pairs, _ = load_preferences(config.train_data)
     # The shared conversation became the prompt; each side keeps only its final assistant turn.
     assert [m["role"] for m in pairs[0]["prompt"]] == ["user", "assistant", "user"]
-    assert pairs[0]["chosen"] == [{"role": "assistant", "content": keyword_pairs(1, seed=3)[0]["chosen"]}]
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": raw[0]["chosen"]}]
     metrics = main(config)
     assert metrics["eval_pairs"] == 32
     assert metrics["eval_accuracy"] > 0.8, metrics
-    assert read_manifest(config.output_dir, "reward")["normalization"]["std"] > 0
+    manifest = read_manifest(config.output_dir, "reward")
+    assert manifest["normalization"]["std"] > 0
+    # The last 32 rows are eval; training rows opening with an eval prompt are left out, every drop counted.
+    held = {r["prompt"] for r in raw[-32:]}
+    shared = sum(r["prompt"] in held for r in raw[:-32])
+    train_report = manifest["metrics"]["data_report"]["train"]
+    assert train_report["dropped"] == {"identical answers": 1, "conversation in eval": shared} and shared > 0
+    assert (train_report["rows"], train_report["kept"]) == (130, 130 - 1 - shared)
+    assert (
+        train_report["empty_answers_kept"] == 1 and manifest["metrics"]["data_report"]["eval"]["kept"] == 32
+    )
 
 
 def test_encoder_backbone_trains_through_the_stage(tmp_path):
@@ -180,7 +196,22 @@ def test_encoder_backbone_trains_through_the_stage(tmp_path):
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/reward.yaml")), ids=lambda p: p.parent.name)
 def test_shipped_reward_configs_parse(path):
     config = parse_config(RewardStageConfig, ["--config", str(path)])
-    assert config.output_dir and config.train_data and config.eval_data
+    assert config.output_dir and config.train_data and (config.eval_data or config.eval_last_rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eval_last_rows": 5}, "eval_last_rows: holds out part of train_data, so eval_data must be empty"),
+        ({"eval_last_rows": -1}, "eval_last_rows: expected 0 or more"),
+        ({"on_degenerate": "keep"}, "on_degenerate: expected 'drop' or 'error'"),
+    ],
+)
+def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        reward_config(tmp_path, "unused", **overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -437,11 +468,11 @@ def test_reward_resume_from_an_interrupted_run_matches_the_uninterrupted_one(tmp
 
 BAD_PAIRS = [
     ({"prompt": "Hi", "chosen": "Hello"}, "rejected: missing required field"),
-    ({"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, "chosen: identical to rejected"),
+    ({"prompt": "Hi", "chosen": "Hello", "rejected": 7}, "rejected: expected a non-empty list"),
 ]
 
 
-@pytest.mark.parametrize(("row", "message"), BAD_PAIRS, ids=["missing-rejected", "identical"])
+@pytest.mark.parametrize(("row", "message"), BAD_PAIRS, ids=["missing-rejected", "mistyped-rejected"])
 def test_bad_pairs_fail_with_path_and_line_before_a_model_loads(tmp_path, monkeypatch, row, message):
     import rlhf.reward_model as stage
 
@@ -460,14 +491,17 @@ def test_bad_pairs_fail_with_path_and_line_before_a_model_loads(tmp_path, monkey
 def test_cli_bad_pairs_exit_2_without_a_traceback(tmp_path, trained, capsys):
     from rlhf.reward_model import cli
 
-    bad = write_jsonl(tmp_path / "bad.jsonl", [BAD_PAIRS[0][0], BAD_PAIRS[1][0]])
+    identical = {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}  # degenerate: dropped, not an error
+    bad = write_jsonl(tmp_path / "bad.jsonl", [BAD_PAIRS[0][0], identical, BAD_PAIRS[1][0]])
     result = run_cli(
         "reward", "--model_name_or_path", "does-not-exist", "--train_data", str(bad),
         "--output_dir", str(tmp_path / "rm"), "--use_cpu", "true", "--report_to", "none",
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert f"{bad}:1: rejected: missing required field" in result.stderr
-    assert f"{bad}:2: chosen: identical to rejected" in result.stderr
+    assert (
+        f"{bad}:3: rejected: expected a non-empty list" in result.stderr and f"{bad}:2:" not in result.stderr
+    )
     assert "Traceback" not in result.stderr and not (tmp_path / "rm").exists()
     # `reward score` with a row that has no response: the same contract (in process, to save an interpreter).
     config, _ = trained

@@ -1,0 +1,100 @@
+"""Real preference data: 1,800 raw HH-RLHF rows (harmless-base test, `../shared/data` beside the checkout).
+
+Exact counts pin the malformed/degenerate policy on real data: four rows whose preferred final answer is empty
+are kept, tokenised like any answer (ending with EOS), and nothing is dropped; the eval split never shares a
+conversation with training.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from rlhf import data
+from rlhf.data import Report, conversation_key, load_demonstrations, load_preferences, split_last_rows
+
+HH_DEV = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+EMPTY_ANSWER_LINES = [87, 517, 926, 1104]
+
+
+@pytest.fixture(scope="module")
+def hh_pairs():
+    return load_preferences(str(HH_DEV))
+
+
+def lines_of(rows: list[dict]) -> list[int]:
+    return [int(r["source"].rpartition(":")[2]) for r in rows]
+
+
+def test_every_row_is_kept_as_a_pair_with_its_empty_answers(hh_pairs):
+    pairs, report = hh_pairs
+    assert report.counts() == {
+        "rows": 1800,
+        "kept": 1800,
+        "dropped": {},
+        "empty_answers_kept": 4,
+        "truncated": 0,
+    }
+    empty = [p for p in pairs if p["chosen"][-1]["content"] == ""]
+    assert lines_of(empty) == EMPTY_ANSWER_LINES
+    assert all(p["rejected"][-1]["content"].strip() for p in empty)
+
+
+def test_validate_command_accepts_the_dev_file_as_pairs_and_as_demonstrations():
+    for kind in ("pairs", "sft"):
+        result = subprocess.run(
+            [sys.executable, "-m", "rlhf.cli", "data", "validate", "--kind", kind, str(HH_DEV)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert (summary["rows"], summary["kept"], summary["dropped"]) == (1800, 1800, {})
+        assert summary["empty_answers_kept"] == 4 and summary["dropped_rows"] == []
+
+
+def test_chosen_transcripts_read_as_multi_turn_demonstrations():
+    demos, report = load_demonstrations(str(HH_DEV))
+    assert (report.rows, report.kept, report.drops, report.empty_answers) == (1800, 1800, {}, 4)
+    assert max(len(d["messages"]) for d in demos) > 2 and demos[86]["messages"][3]["content"] == ""
+
+
+def test_empty_answers_are_tokenised_ending_with_eos(hh_pairs, tiny_tokenizer):
+    from rlhf.reward_model import RewardStageConfig, encode_pairs
+
+    pairs, _ = hh_pairs
+    empty = [p for p in pairs if p["chosen"][-1]["content"] == ""]
+    config = RewardStageConfig(
+        model_name_or_path="unused",
+        train_data=["unused"],
+        output_dir="unused",
+        max_length=64,
+        report_to="none",
+    )
+    report = Report()
+    rows = encode_pairs(tiny_tokenizer, empty, config, report)
+    eos = tiny_tokenizer.eos_token_id
+    assert len(rows) == 4 and report.empty_answers == 4
+    assert all(r["chosen_ids"][-1] == eos and r["rejected_ids"][-1] == eos for r in rows)
+    # SFT on the chosen transcript trains the empty final turn as just its end-of-turn token.
+    demos, _ = load_demonstrations(str(HH_DEV))
+    encoded, reason = data.tokenize_demonstration(tiny_tokenizer, demos[516]["messages"], None, "truncate")
+    assert reason is None
+    assert [t for t in encoded["labels"] if t != -100] == [eos]
+
+
+def test_the_last_rows_split_never_shares_a_conversation(hh_pairs):
+    pairs, _ = hh_pairs
+    report = Report()
+    train, evaluation = split_last_rows(pairs, 300, report)
+    assert lines_of(evaluation) == list(range(1501, 1801))
+    assert len(train) == 1500 - 24 and report.drops == {"conversation in eval": 24}
+    assert not {conversation_key(p) for p in train} & {conversation_key(p) for p in evaluation}
+    # The 24 left out are other branches of eval conversations, not arbitrary rows.
+    held = {conversation_key(p) for p in evaluation}
+    assert all(conversation_key(p) in held for p in pairs if p not in train and p not in evaluation)
