@@ -5,7 +5,8 @@
 
 After every optimizer step each rank hashes its full parameters (gathered first under ZeRO-3, a collective every rank
 joins) and writes `PROBE_DIR/rank{N}.json` at the end: world size, backend, ZeRO stage, optimizer, and the hash per
-step. The test compares ranks. Production code knows nothing about this: the probe replaces the stage module's
+step. The test compares ranks; with PROBE_NAN_WEIGHT_AT=STEP rank 1 writes NaN into its shard of one weight after
+that step. Production code knows nothing about this: the probe replaces the stage module's
 `CommitMarkerCallback` with a subclass, so commit markers are still written exactly as in a real run.
 
     accelerate launch --config_file configs/accelerate/zero3_cpu.yaml tests/distributed_probe.py PROBE_DIR ppo ...
@@ -58,6 +59,10 @@ def make_probe(probe_dir: str):
             self.steps: dict[int, str] = {}
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
+            if str(state.global_step) == os.environ.get("PROBE_NAN_WEIGHT_AT") and dist.get_rank() == 1:
+                # A blow-up on one rank only, in the part of one weight this rank holds (its ZeRO-3 shard).
+                param = next(model.parameters())
+                getattr(param, "ds_tensor", param).data.fill_(float("nan"))
             self.steps[state.global_step] = parameter_hash(model)
 
         def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):

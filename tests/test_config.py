@@ -78,3 +78,33 @@ def test_tokens_in_configs_are_refused_and_env_secrets_redacted_from_dumps(tmp_p
     text = (tmp_path / "dump.yaml").read_text()
     assert "wandb_canary_123456" not in text
     assert yaml.safe_load(text)["train_data"] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: PPOStageConfig(), "policy_model: required"),
+        (lambda: PPOStageConfig(policy_model="m", train_data=["p"], reward_sources=["safety"], kl_estimator="k9"), "kl_estimator"),
+        (lambda: SFTStageConfig(output_dir="o", train_data=["d"]), "model_name_or_path: required"),
+    ],
+)
+def test_stage_configs_raise_config_error_naming_the_field(make, message):
+    """Built directly (as the pipeline builds them), not only through parse_config, a bad field is a ConfigError."""
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_only_config_errors_exit_2_and_a_bug_is_never_taken_for_one(capsys):
+    from rlhf.cli import EXIT_BAD_INPUT, run_guarded
+
+    def check_config():
+        raise ConfigError("kl_coef: expected a number")
+
+    assert run_guarded(check_config) == EXIT_BAD_INPUT
+    assert "error: config: kl_coef" in capsys.readouterr().err
+
+    def load_config_values():  # a programming error, in a function whose name says "config"
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_guarded(load_config_values)

@@ -55,8 +55,17 @@ def head(source: str, rows: int, target: Path) -> str:
     return str(target)
 
 
-def launch(stage: str, zero: int, root: Path, model_dir: str, **overrides) -> Run:
+def launch(stage: str, zero: int, root: Path, model_dir: str, env: dict | None = None, **overrides) -> Run:
     """One 2-process run of `stage` under ZeRO-`zero`; returns each rank's probe record."""
+    done = run_launch(stage, zero, root, model_dir, env, **overrides)
+    assert done.returncode == 0, f"launch failed ({done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
+    probe_dir = root / "probe"
+    ranks = [json.loads((probe_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return Run(root / "out", ranks)
+
+
+def run_launch(stage: str, zero: int, root: Path, model_dir: str, env: dict | None = None, **overrides):
+    """The `accelerate launch` of one 2-process run; -> the finished process (returncode, stdout, stderr)."""
     config, train, evaluation, (n_train, n_eval) = STAGE_FILES[stage]
     root.mkdir(parents=True, exist_ok=True)
     output_dir = root / "out"
@@ -89,13 +98,14 @@ def launch(stage: str, zero: int, root: Path, model_dir: str, **overrides) -> Ru
         stage,
         *[item for key, value in args.items() for item in (f"--{key}", str(value))],
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
-    )
-    assert done.returncode == 0, f"launch failed ({done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
-    ranks = [json.loads((probe_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    return Run(output_dir, ranks)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
 
 
 def auto_class(stage: str):
@@ -191,3 +201,16 @@ def test_accelerate_configs_load_and_name_only_known_keys(path):
         assert ds["zero_optimization"]["stage"] in (1, 2, 3)
         # accelerate refuses mixed_precision next to a DeepSpeed JSON; the JSON's "auto" follows the stage config.
         assert config.mixed_precision is None, f"{path.name}: set precision in the JSON, not here"
+
+
+@pytest.mark.slow
+def test_nonfinite_weights_on_one_zero3_rank_are_never_committed_or_saved(tmp_path, tiny_model_dir):
+    """Under ZeRO-3 each rank holds only a shard; a NaN in rank 1's shard must still stop the commit and the save."""
+    done = run_launch("sft", 3, tmp_path, tiny_model_dir, env={"PROBE_NAN_WEIGHT_AT": str(STEPS)})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "is not finite after training; nothing saved" in output, output[-3000:]
+    out = tmp_path / "out"
+    assert (out / f"checkpoint-{SAVE_EVERY}" / "COMMITTED").exists()
+    assert not (out / f"checkpoint-{STEPS}" / "COMMITTED").exists()
+    assert not (out / "manifest.json").exists() and not (out / "model.safetensors").exists()

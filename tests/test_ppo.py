@@ -10,7 +10,7 @@ import torch
 from conftest import launch_two_processes, write_jsonl
 
 from rlhf.config import parse_config
-from rlhf.ppo import PPOStageConfig, TrainingAborted, build_run, main
+from rlhf.ppo import PPOStageConfig, TrainingAborted, build_run, load_checkpoint, main, run_update, save_checkpoint
 from rlhf.rewards import RewardSourceError
 
 PROMPTS = [f"What is {a} + {b}?" for a in range(1, 9) for b in range(1, 5)]
@@ -218,5 +218,67 @@ def test_the_demo_gold_judge_works_as_a_reward_source(tmp_path, tiny_model_dir):
     from rlhf.rewards import call_source, load_function
 
     judge = load_function("rlhf.demo:gold_judge")
-    scores = call_source("gold", judge, ["What is 2 + 3?"], ["5."], prompt_messages=[[]], categories=[None])
-    assert len(scores) == 1
+    # Called as PPO calls a source: with the context keywords, which the judge accepts.
+    scores = call_source(
+        "gold", judge, ["What is 2 + 3?"] * 2, ["5.", "7."], prompt_messages=[[], []], categories=[None, None]
+    )
+    assert scores[0] == pytest.approx(1.0) and scores[1] < scores[0]
+
+
+def ptx_config(tmp_path: Path, model_dir: str, **overrides) -> PPOStageConfig:
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": p, "completion": "A sum."} for p in PROMPTS])
+    return ppo_config(tmp_path, model_dir, ptx_coef=0.5, ptx_data=str(demos), **overrides)
+
+
+def test_ptx_draws_fresh_demonstrations_for_every_micro_batch(tmp_path, tiny_model_dir):
+    run = build_run(ptx_config(tmp_path, tiny_model_dir, total_updates=1))
+    Path(run.config.output_dir).mkdir(parents=True)
+    taken: list[int] = []
+
+    class Recording(list):
+        def __getitem__(self, index):
+            taken.append(index)
+            return super().__getitem__(index)
+
+    run.ptx = Recording(run.ptx)
+    run_update(run)
+    micro = run.config.micro_batch_size
+    draws = [tuple(taken[i : i + micro]) for i in range(0, len(taken), micro)]
+    # 8 samples in micro-batches of 2, over 2 epochs: 8 ptx draws, not one draw repeated 8 times.
+    assert len(draws) == 8
+    assert len(set(draws)) > 1
+
+
+def test_the_ptx_sampler_resumes_where_it_stopped(tmp_path, tiny_model_dir):
+    config = ptx_config(tmp_path, tiny_model_dir)
+    run = build_run(config)
+    run.ptx_rows()
+    save_checkpoint(run)
+    expected = [row["input_ids"] for row in run.ptx_rows()]
+    resumed = build_run(config)
+    load_checkpoint(resumed, str(Path(config.output_dir) / "checkpoints" / "step-0"))
+    assert [row["input_ids"] for row in resumed.ptx_rows()] == expected
+
+
+def test_update_statistics_are_token_weighted_over_micro_batches_and_the_early_stop_reads_them(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import rlhf.ppo.update as update
+
+    real = update.ppo_policy_loss
+    seen: list[tuple[float, float]] = []  # (response tokens, approx_kl) per micro-batch
+
+    def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, normaliser):
+        loss, stats = real(logprobs, old_logprobs, advantages, mask, clip_range, normaliser)
+        approx_kl = 10.0 if len(seen) % 2 == 0 else 0.0  # the last micro-batch of every minibatch reads 0
+        seen.append((float(mask.sum()), approx_kl))
+        return loss, {**stats, "approx_kl": torch.tensor(approx_kl)}
+
+    monkeypatch.setattr(update, "ppo_policy_loss", policy_loss)
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, approx_kl_stop=1.0, ppo_epochs=3))
+    batch, _, _, _ = run.rollout({})
+    stats = run.train_on(batch)
+    tokens = sum(t for t, _ in seen)
+    assert stats["policy/approx_kl"] == pytest.approx(sum(t * kl for t, kl in seen) / tokens)
+    # The first epoch's mean approx KL is above the threshold: the update stops after 1 epoch of 4 micro-batches.
+    assert stats["policy/early_stops"] == 1.0 and len(seen) == 4
