@@ -76,8 +76,6 @@ def configure_deepspeed(accelerator, config: PPOStageConfig) -> None:
         ds_config[key] = value
 
 
-
-
 @contextmanager
 def frozen_loading(accelerator):
     """Context to load the frozen models (reference, reward model) in: they run in inference mode, whole on every
@@ -123,7 +121,6 @@ def gathered_for_generation(accelerator, model):
         finally:
             # Hooks back on (this also invalidates the prefetch trace).
             offload._register_deepspeed_module(offload.module)
-
 
 
 def full_weights(accelerator, model, parts: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor] | None]:

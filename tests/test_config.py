@@ -84,7 +84,12 @@ def test_tokens_in_configs_are_refused_and_env_secrets_redacted_from_dumps(tmp_p
     ("make", "message"),
     [
         (lambda: PPOStageConfig(), "policy_model: required"),
-        (lambda: PPOStageConfig(policy_model="m", train_data=["p"], reward_sources=["safety"], kl_estimator="k9"), "kl_estimator"),
+        (
+            lambda: PPOStageConfig(
+                policy_model="m", train_data=["p"], reward_sources=["safety"], kl_estimator="k9"
+            ),
+            "kl_estimator",
+        ),
         (lambda: SFTStageConfig(output_dir="o", train_data=["d"]), "model_name_or_path: required"),
     ],
 )

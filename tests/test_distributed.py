@@ -105,7 +105,9 @@ def run_launch(stage: str, zero: int, root: Path, model_dir: str, env: dict | No
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
 
 
 def auto_class(stage: str):

@@ -10,7 +10,15 @@ import torch
 from conftest import launch_two_processes, write_jsonl
 
 from rlhf.config import parse_config
-from rlhf.ppo import PPOStageConfig, TrainingAborted, build_run, load_checkpoint, main, run_update, save_checkpoint
+from rlhf.ppo import (
+    PPOStageConfig,
+    TrainingAborted,
+    build_run,
+    load_checkpoint,
+    main,
+    run_update,
+    save_checkpoint,
+)
 from rlhf.rewards import RewardSourceError
 
 PROMPTS = [f"What is {a} + {b}?" for a in range(1, 9) for b in range(1, 5)]
@@ -193,9 +201,7 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir):
 
 
 def test_always_full_length_samples_past_eos_then_cuts(tmp_path, tiny_model_dir, monkeypatch):
-    run = build_run(
-        ppo_config(tmp_path, tiny_model_dir, max_new_tokens=16, always_full_length="true")
-    )
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, max_new_tokens=16, always_full_length="true"))
     seen = {}
     real = run.policy.generate
 
