@@ -107,6 +107,16 @@ class RewardStageConfig(ModelFields, RewardConfig):
 # Data
 
 
+def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
+    """The last `max_length` tokens: the answer and its EOS (where a decoder's score is read) outlast the prompt's
+    start. A leading [CLS] or BOS the tokenizer added stays: an encoder reads its score there."""
+    if not max_length or len(ids) <= max_length:
+        return ids
+    if ids[0] in (tokenizer.cls_token_id, tokenizer.bos_token_id):
+        return ids[:1] + ids[len(ids) - max_length + 1 :]
+    return ids[-max_length:]
+
+
 def encode_pairs(
     tokenizer, pairs: list[dict], config: RewardStageConfig, report: Report
 ) -> list[dict[str, Any]]:
@@ -120,8 +130,7 @@ def encode_pairs(
             if config.overflow == "drop":
                 report.drop("over max_length")
                 continue
-            # Keep the end: the answer (and its EOS, where the score is read) matters more than the prompt's start.
-            chosen, rejected = chosen[-config.max_length :], rejected[-config.max_length :]
+            chosen, rejected = (keep_end(tokenizer, ids, config.max_length) for ids in (chosen, rejected))
             report.truncated += 1
         row = {"chosen_ids": chosen, "rejected_ids": rejected, "group": pair["group"]}
         row["weight"] = 1.0 / group_sizes[pair["group"]] if config.group_weighting else 1.0
@@ -211,7 +220,7 @@ def reference_scores(model, tokenizer, config: RewardStageConfig, train_pairs: l
         ]
     else:
         texts = sorted({reward_text(tokenizer, p["prompt"], p["chosen"]) for p in train_pairs})
-    ids = [encode_for_scoring(tokenizer, t)[-(config.max_length or 10**9) :] for t in texts]
+    ids = [keep_end(tokenizer, encode_for_scoring(tokenizer, t), config.max_length) for t in texts]
     return score_ids(model, ids, tokenizer.pad_token_id, config.score_batch_size)
 
 

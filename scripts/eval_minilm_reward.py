@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import parse_config
-from rlhf.data import Report, load_preferences
+from rlhf.data import Report
 from rlhf.models import load_scalar_model, load_tokenizer
-from rlhf.reward_model import RewardStageConfig, encode_pairs, main, pair_metrics, score_pairs
+from rlhf.reward_model import RewardStageConfig, encode_pairs, load_pairs, main, pair_metrics, score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_FILES = (
@@ -52,7 +52,7 @@ def prepare_base(target: Path) -> Path:
 
 def baselines(config: RewardStageConfig) -> dict[str, float]:
     """Held-out accuracy that needs no training: the longer answer wins; the untrained backbone's scores."""
-    pairs, _ = load_preferences(config.eval_data)
+    _, pairs, _, _ = load_pairs(config)
     longer = [len(p["chosen"][-1]["content"]) > len(p["rejected"][-1]["content"]) for p in pairs]
     tokenizer = load_tokenizer(config.model_name_or_path)
     torch.manual_seed(config.seed)
@@ -68,15 +68,18 @@ def baselines(config: RewardStageConfig) -> dict[str, float]:
 def run(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs/minilm/reward.yaml"))
+    parser.add_argument("--no-baselines", action="store_true", help="Skip the two no-training baselines.")
     args, overrides = parser.parse_known_args(argv)
     config = parse_config(RewardStageConfig, ["--config", args.config, *overrides])
     prepare_base(Path(config.model_name_or_path))
-    reference = baselines(config)
+    reference = {} if args.no_baselines else baselines(config)
     metrics = main(config)
     return {
         "model": config.model_name_or_path,
         "train_data": config.train_data,
-        "eval_data": config.eval_data,
+        "eval_data": config.eval_data or f"last {config.eval_last_rows} rows of train_data",
+        "seed": config.seed,
+        "epochs": config.num_train_epochs,
         "eval_pairs": metrics["eval_pairs"],
         "eval_accuracy": metrics["eval_accuracy"],
         "eval_mean_margin": metrics["eval_mean_margin"],

