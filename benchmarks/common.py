@@ -49,7 +49,7 @@ class Setup:
     adam_eps: float = 1e-5
     kl_coef: float = 0.05
     reward: str = (
-        "function"  # "function": bench_rewards:gold (the demo judge); "model": a same-size classifier
+        "function"  # "function": rlhf.demo:gold_judge; "model": a same-size classifier
     )
     threads: int = 2
     seed: int = 0
@@ -256,7 +256,7 @@ def ours_config(setup: Setup, paths: dict[str, str], output_dir: str, updates: i
         args.update(reward_sources="reward_model", reward_weights="1.0", reward_model=paths["reward"])
     else:
         args.update(
-            reward_sources="bench_rewards:gold", reward_weights="1.0", reward_allowed_modules="bench_rewards"
+            reward_sources="rlhf.demo:gold_judge", reward_weights="1.0", reward_allowed_modules="rlhf."
         )
     argv = [item for key, value in args.items() for item in (f"--{key}", str(value))]
     return parse_config(PPOStageConfig, argv)

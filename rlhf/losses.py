@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Whitening a handful of numbers is noise (PPO_REFERENCE: "the reference code refuses whitening below 8 samples").
+# Whitening a handful of numbers is noise; the lm-human-preferences reference code refuses to whiten below 8 samples.
 MIN_WHITEN_ELEMENTS = 8
 
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
