@@ -42,9 +42,9 @@ class PipelineConfig:
     tiny_corpus: list[str] = field(
         default_factory=lambda: ["data/demo"], metadata={"help": "Tokenizer corpus for init_tiny."}
     )
-    sft_config: str = field(default="configs/tiny/sft.yaml", metadata={"help": "SFT stage config."})
-    reward_config: str = field(default="configs/tiny/reward.yaml", metadata={"help": "Reward stage config."})
-    ppo_config: str = field(default="configs/tiny/ppo.yaml", metadata={"help": "PPO stage config."})
+    sft_config: str = field(default="configs/demo/sft.yaml", metadata={"help": "SFT stage config."})
+    reward_config: str = field(default="configs/demo/reward.yaml", metadata={"help": "Reward stage config."})
+    ppo_config: str = field(default="configs/demo/ppo.yaml", metadata={"help": "PPO stage config."})
     eval_prompts: str = field(
         default="data/demo/prompts_eval.jsonl", metadata={"help": "Held-out prompts for evaluation."}
     )

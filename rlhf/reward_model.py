@@ -1,6 +1,6 @@
 """Stage 2: a scalar reward model from ranked comparisons, on TRL's `RewardTrainer`.
 
-    accelerate launch -m rlhf.reward_model --config configs/tiny/reward.yaml
+    accelerate launch -m rlhf.reward_model --config configs/demo/reward.yaml
     rlhf reward score --model PATH --data FILE [--out FILE]
 
 K-way rankings follow InstructGPT: the K(K-1)/2 pairs of one prompt count as one unit. We weight each pair by

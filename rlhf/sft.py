@@ -1,6 +1,6 @@
 """Stage 1: supervised fine-tuning on demonstrations, with TRL's `SFTTrainer` used as is.
 
-    accelerate launch -m rlhf.sft --config configs/tiny/sft.yaml --learning_rate 3e-4
+    accelerate launch -m rlhf.sft --config configs/demo/sft.yaml --learning_rate 3e-4
 
 We tokenise through the data module (assistant-only labels computed from the chat template, never silently
 empty) and hand TRL a pre-tokenised dataset, so SFT, the reward model and PPO see identical prompt text.

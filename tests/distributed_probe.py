@@ -1,7 +1,7 @@
 """Test-only entry point for tests/test_distributed*.py: a stage's own `cli`, plus hooks that record per rank.
 
     accelerate launch --config_file configs/accelerate/zero3_cpu.yaml tests/distributed_probe.py PROBE_DIR sft \
-        --config configs/tiny/sft.yaml ...
+        --config configs/demo/sft.yaml ...
 
 After every optimizer step each rank hashes its full parameters (gathered first under ZeRO-3, a collective every rank
 joins) and writes `PROBE_DIR/rank{N}.json` at the end: world size, backend, ZeRO stage, optimizer, and the hash per

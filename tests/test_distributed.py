@@ -29,9 +29,9 @@ LAUNCH_TIMEOUT_S = 600
 STEPS, SAVE_EVERY = 6, 3
 STAGE_FILES = {
     # stage: (stage config, train data, eval data, rows of each kept)
-    "sft": ("configs/tiny/sft.yaml", "data/demo/sft.jsonl", "data/demo/sft_eval.jsonl", (64, 16)),
+    "sft": ("configs/demo/sft.yaml", "data/demo/sft.jsonl", "data/demo/sft_eval.jsonl", (64, 16)),
     "reward": (
-        "configs/tiny/reward.yaml",
+        "configs/demo/reward.yaml",
         "data/demo/rankings.jsonl",
         "data/demo/rankings_eval.jsonl",
         (48, 12),
