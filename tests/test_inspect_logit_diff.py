@@ -11,12 +11,14 @@ from rlhf.inspect import InspectError
 from rlhf.inspect.logit_diff import (
     Unit,
     ablated,
+    ablation_effect,
     attribute,
     encode_prompt,
     logit_diff,
     parse_unit,
     ranking_check,
     single_token,
+    total_effects,
     unit_means,
 )
 from rlhf.inspect.model_parts import capture_inputs, locate, split_heads, unit_inputs, write_weight
@@ -92,11 +94,30 @@ def test_planted_units_rank_on_top_and_their_ablation_removes_the_difference(mod
     target, distractor = tokens(tiny_tokenizer)
     planted = plant(model, parts, ids, target, distractor)
     result = attribute(model, parts, ids, target, distractor)
-    top5 = sorted(result["units"], key=result["units"].get, reverse=True)[:5]
-    assert set(top5) == set(planted)
-    check = ranking_check(model, parts, ids, result, None, target, distractor)
-    assert check["top"]["fraction_removed"] >= 0.5
-    assert abs(check["smallest"]["fraction_removed"]) < 0.5
+    result["total"] = total_effects(model, parts, ids, target, distractor)
+    for scores in (result["units"], result["total"]):
+        top5 = sorted(scores, key=scores.get, reverse=True)[:5]
+        assert set(top5) == set(planted)
+        check = ranking_check(model, parts, ids, scores, result, None, target, distractor)
+        assert check["top"]["fraction_removed"] >= 0.5
+        assert abs(check["smallest"]["fraction_removed"]) < 0.5
+
+
+def test_estimated_ablation_effect_matches_the_measured_one(model, tiny_tokenizer):
+    """Zero-ablating a last-layer neuron only moves the final residual a little: first order is near exact."""
+    parts = locate(model)
+    ids = encode_prompt(tiny_tokenizer, PROMPT, raw=False)
+    target, distractor = tokens(tiny_tokenizer)
+    before = logit_diff(model, ids, target, distractor)
+    estimated = total_effects(model, parts, ids, target, distractor)
+    last = parts.layers[-1].index
+    neurons = sorted(
+        range(parts.layers[-1].n_neurons), key=lambda n: -abs(estimated[Unit(last, "neuron", n)])
+    )
+    for n in neurons[:5]:
+        unit = Unit(last, "neuron", n)
+        measured = before - ablation_effect(model, parts, ids, [unit], None, target, distractor)
+        assert estimated[unit] == pytest.approx(measured, rel=0.05, abs=1e-3)
 
 
 def test_mean_ablation_sets_exactly_the_chosen_columns(model, tiny_tokenizer):

@@ -1,7 +1,8 @@
 """Why token A rather than B? Direct logit attribution per layer, head and neuron, and ablation.
 
     rlhf inspect logit-diff --model CKPT --prompt P --target A --distractor B
-        [--ablate L2.H1 L3.N17 ...] [--ablation zero|mean --reference PROMPTS] [--raw] [--out DIR]
+        [--ablate L2.H1 L3.N17 ...] [--ablation zero|mean --reference PROMPTS] [--rank total|direct]
+        [--raw] [--out DIR]
 
 At the prompt's last position the logit difference logit(A) - logit(B) is split exactly into what each part of
 the residual stream contributes: the embedding, every attention head (its slice of the output projection times
@@ -11,7 +12,10 @@ parts then sum to the logit difference) and onto the unembedding difference U[A]
 
 Ablation replaces a unit's activation at every position by zero or by its mean over a reference set of prompts
 and runs the model again: the change of the logit difference is its total effect, indirect paths included.
-Every run ablates the 5 units with the largest attribution and, as a control, the 5 of smallest magnitude.
+Direct attribution misses those paths, and in a small model most of an early unit's effect goes through them;
+so units are also scored by a first-order estimate of their ablation effect (attribution patching, one
+backward pass) and ranked by it by default (`--rank total`). Every run then measures, for both rankings, the
+ablation of the top 5 units and, as a control, of the 5 with the smallest score.
 """
 
 from __future__ import annotations
@@ -202,12 +206,55 @@ def ablation_effect(model, parts, ids, units, means, target, distractor) -> floa
         return logit_diff(model, ids, target, distractor)
 
 
-def ranking_check(model, parts, ids, result, means, target, distractor, k: int = CHECK_UNITS) -> dict:
-    """Ablate the top-k units by attribution, then (the control) the k of smallest |attribution|."""
+def total_effects(
+    model: nn.Module,
+    parts: ModelParts,
+    ids: torch.Tensor,
+    target: int,
+    distractor: int,
+    means: dict[str, torch.Tensor] | None = None,
+) -> dict[Unit, float]:
+    """How much ablating each unit at every position would lower the logit difference, to first order.
+
+    Attribution patching: sum over positions of grad . (activation - ablated value), over the unit's columns,
+    from one backward pass. Unlike direct attribution it counts the paths through later layers, which is where
+    an early unit's effect mostly goes.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+
+    def leaf(key: str):
+        def hook(_module, args):
+            # A fresh leaf per unit module: its gradient is the total derivative through everything downstream.
+            inputs[key] = args[0].detach().requires_grad_(True)
+            return (inputs[key], *args[1:])
+
+        return hook
+
+    modules = unit_inputs(parts)
+    handles = [module.register_forward_pre_hook(leaf(key)) for key, module in modules.items()]
+    try:
+        with torch.enable_grad():
+            logits = model(ids).logits[0, -1]
+            grads = torch.autograd.grad(logits[target] - logits[distractor], list(inputs.values()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    effects: dict[Unit, float] = {}
+    for (key, x), grad in zip(inputs.items(), grads, strict=True):
+        layer = parts.layers[int(key.split(".")[1])]
+        kind, count = ("head", layer.n_heads) if key.startswith("attn") else ("neuron", layer.n_neurons)
+        ablated_value = 0.0 if means is None else means[key]
+        per_unit = ((x[0].detach() - ablated_value) * grad[0]).sum(0).view(count, -1).sum(-1)
+        effects.update({Unit(layer.index, kind, j): float(v) for j, v in enumerate(per_unit)})
+    return effects
+
+
+def ranking_check(model, parts, ids, scores, result, means, target, distractor, k: int = CHECK_UNITS) -> dict:
+    """Ablate the top-k units by `scores`, then (the control) the k of smallest |score|."""
     # "Top" means pushing the logit difference the way it already goes (towards B when it is negative).
     sign = 1.0 if result["logit_diff"] >= 0 else -1.0
-    ranked = sorted(result["units"], key=lambda u: sign * result["units"][u], reverse=True)
-    smallest = sorted(result["units"], key=lambda u: abs(result["units"][u]))
+    ranked = sorted(scores, key=lambda u: sign * scores[u], reverse=True)
+    smallest = sorted(scores, key=lambda u: abs(scores[u]))
     check = {}
     for name, chosen in (("top", ranked[:k]), ("smallest", smallest[:k])):
         after = ablation_effect(model, parts, ids, chosen, means, target, distractor)
@@ -219,7 +266,8 @@ def _ablation_row(units: list[Unit], result: dict, after: float) -> dict:
     before = result["logit_diff"]
     return {
         "units": [u.name for u in units],
-        "attribution": sum(result["units"].get(u, 0.0) for u in units),
+        "direct": sum(result["units"][u] for u in units),
+        "estimated": sum(result["total"][u] for u in units),
         "logit_diff_after": after,
         "change": after - before,
         "fraction_removed": (before - after) / before if before else None,
@@ -240,6 +288,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", choices=["zero", "mean"], default="zero")
     parser.add_argument(
         "--reference", help="Prompts file whose activations give the means (--ablation mean)."
+    )
+    parser.add_argument(
+        "--rank",
+        choices=["total", "direct"],
+        default="total",
+        help="Order units by estimated ablation effect (total) or by direct logit attribution.",
     )
     parser.add_argument("--top", type=int, default=20, help="Units listed per sign in the output.")
     parser.add_argument("--out", default="outputs/inspect/logit-diff", help="Directory for JSON and HTML.")
@@ -282,8 +336,12 @@ def run(args: argparse.Namespace) -> int:
     ids = encode_prompt(tokenizer, args.prompt, args.raw)
     means = unit_means(model, parts, references) if args.ablation == "mean" else None
     result = attribute(model, parts, ids, target, distractor)
+    result["total"] = total_effects(model, parts, ids, target, distractor, means)
     report = _report(args, tokenizer, ids, target, distractor, result)
-    report["check"] = ranking_check(model, parts, ids, result, means, target, distractor)
+    report["check"] = {
+        ranking: ranking_check(model, parts, ids, scores, result, means, target, distractor)
+        for ranking, scores in (("total", result["total"]), ("direct", result["units"]))
+    }
     if chosen:
         after = ablation_effect(model, parts, ids, chosen, means, target, distractor)
         report["ablation"] = _ablation_row(chosen, result, after)
@@ -293,7 +351,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(args, tokenizer, ids, target, distractor, result) -> dict:
-    ranked = sorted(result["units"].items(), key=lambda item: item[1], reverse=True)
+    scores = result["total"] if args.rank == "total" else result["units"]
+    ranked = sorted(scores, key=scores.get, reverse=True)
     return {
         "model": args.model,
         "prompt": args.prompt,
@@ -306,17 +365,18 @@ def _report(args, tokenizer, ids, target, distractor, result) -> dict:
         },
         "ablation_mode": args.ablation,
         "reference": args.reference,
+        "rank": args.rank,
         "logit_diff": result["logit_diff"],
         "sum_of_parts": result["sum_of_parts"],
         "layers": result["layers"],
         "other": result["other"],
-        "top_units": [_unit_row(*item) for item in ranked[: args.top]],
-        "bottom_units": [_unit_row(*item) for item in ranked[::-1][: args.top]],
+        "top_units": [_unit_row(u, result) for u in ranked[: args.top]],
+        "bottom_units": [_unit_row(u, result) for u in ranked[::-1][: args.top]],
     }
 
 
-def _unit_row(unit: Unit, value: float) -> dict:
-    return {"unit": unit.name, "kind": unit.kind, "layer": unit.layer, "value": value}
+def _unit_row(unit: Unit, result: dict) -> dict:
+    return {"unit": unit.name, "direct": result["units"][unit], "total": result["total"][unit]}
 
 
 def _write(out: str, report: dict) -> None:
@@ -332,11 +392,13 @@ def _write(out: str, report: dict) -> None:
 def _print_summary(report: dict) -> None:
     a, b = report["target"]["token"], report["distractor"]["token"]
     print(f"logit({a}) - logit({b}) = {report['logit_diff']:.3f} (parts sum to {report['sum_of_parts']:.3f})")
-    for name, row in report["check"].items():
-        print(
-            f"ablate {name} {CHECK_UNITS} ({report['ablation_mode']}): {' '.join(row['units'])} -> "
-            f"{row['logit_diff_after']:.3f} ({100 * (row['fraction_removed'] or 0):.0f}% removed)"
-        )
+    for ranking, check in report["check"].items():
+        for name, row in check.items():
+            print(
+                f"ablate {name} {CHECK_UNITS} by {ranking} effect ({report['ablation_mode']}): "
+                f"{' '.join(row['units'])} -> {row['logit_diff_after']:.3f} "
+                f"({100 * (row['fraction_removed'] or 0):.0f}% removed)"
+            )
     if "ablation" in report:
         row = report["ablation"]
         print(
@@ -346,37 +408,42 @@ def _print_summary(report: dict) -> None:
 
 def _sections(report: dict) -> list[str]:
     """The prompt, the per-layer split, the units each way, the ablations."""
-    ablations = [(name, *_ablation_cells(row)) for name, row in report["check"].items()]
+    ablations = [
+        (f"{name} {CHECK_UNITS} by {ranking}", *_ablation_cells(row))
+        for ranking, check in report["check"].items()
+        for name, row in check.items()
+    ]
     if "ablation" in report:
         ablations.append(("requested", *_ablation_cells(report["ablation"])))
     other = ", ".join(f"{name} {value:.3f}" for name, value in report["other"].items())
+    unit_columns = ["unit", "direct attribution", "estimated ablation effect"]
     return [
         paragraph(f"{report['model']}: {report['prompt']}"),
         paragraph(
-            f"The parts below sum to {report['sum_of_parts']:.4f}; not in the tables: {other}.", note=True
+            f"Direct attributions sum to {report['sum_of_parts']:.4f} with the terms not in the tables: "
+            f"{other}. The estimated ablation effect ({report['ablation_mode']} ablation, first order) counts "
+            f"indirect paths too; units are ranked by {report['rank']} effect.",
+            note=True,
         ),
         heading("Direct attribution per layer"),
         table(
             ["layer", "attention", "MLP"], [(r["layer"], r["attention"], r["mlp"]) for r in report["layers"]]
         ),
         heading("Units pushing towards the target"),
-        table(["unit", "kind", "direct attribution"], _unit_cells(report["top_units"])),
+        table(unit_columns, [(r["unit"], r["direct"], r["total"]) for r in report["top_units"]]),
         heading("Units pushing towards the distractor"),
-        table(["unit", "kind", "direct attribution"], _unit_cells(report["bottom_units"])),
-        heading(f"Ablations ({report['ablation_mode']})"),
-        table(["set", "units", "their attribution", "logit diff after", "fraction removed"], ablations),
+        table(unit_columns, [(r["unit"], r["direct"], r["total"]) for r in report["bottom_units"]]),
+        heading(f"Ablations ({report['ablation_mode']}, all positions, measured)"),
+        table(["set", "units", "direct", "estimated", "logit diff after", "fraction removed"], ablations),
     ]
-
-
-def _unit_cells(rows: list[dict]) -> list[tuple]:
-    return [(r["unit"], r["kind"], r["value"]) for r in rows]
 
 
 def _ablation_cells(row: dict) -> tuple:
     removed = row["fraction_removed"]
     return (
         " ".join(row["units"]),
-        row["attribution"],
+        row["direct"],
+        row["estimated"],
         row["logit_diff_after"],
         "" if removed is None else removed,
     )
