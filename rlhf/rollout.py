@@ -3,17 +3,23 @@
 Sequences are laid out as [query (left-padded, Lq) | response (right-padded, Lr)]. Logits at position t predict
 token t+1, so the response tokens are predicted by positions Lq-1 .. Lq+Lr-2. Every pass divides logits by the
 sampling temperature, so the distribution we sample from is the one whose log-probs we train on.
+
+The forward passes do no work on padding (`layout`): a micro-batch's real tokens go in packed end to end in one
+row, each sequence attending only to itself (`enable_packing`, for the model families that support it), or else
+padded only to the micro-batch's longest prompt and longest answer. Logits are computed only where an answer
+token is predicted, and log-probabilities gathered without a full-vocabulary log-softmax.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from rlhf.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.losses import chunked_entropy, selective_log_softmax
 
 
 @dataclass
@@ -87,33 +93,175 @@ def generate(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, tokenizer
     return output[:, query_ids.shape[1] :]
 
 
-def sequence_inputs(batch: Rollout) -> tuple[Tensor, Tensor, Tensor]:
-    input_ids = torch.cat([batch.query_ids, batch.response_ids], dim=1)
-    attention_mask = torch.cat([batch.query_mask, batch.response_mask], dim=1)
-    return input_ids, attention_mask, position_ids_from(attention_mask)
+# --------------------------------------------------------------------------------------------------------------
+# Padding-free (packed) attention: the micro-batch's real tokens end to end in one row, attention per sequence
+
+PACKED_ATTENTION = "rlhf_packed_sdpa"
+# Entropy from a policy pass: not computed, a statistic (no gradient), or a term of the loss (with gradient).
+EntropyMode = Literal["none", "stat", "loss"]
+# Decoder families whose attention goes through transformers' AttentionInterface with RoPE on `position_ids` (so a
+# sequence's positions restart at 0 inside a packed row), tested against the padded path in tests/test_rollout.py.
+PACKABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
-def policy_forward(policy: nn.Module, batch: Rollout, temperature: float, with_entropy: bool = False):
-    """Log-probs [B, Lr] of the response tokens (and their entropies) under `policy`."""
-    input_ids, attention_mask, position_ids = sequence_inputs(batch)
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA run on each packed sequence alone (causal inside it, nothing across), as flash-attention's varlen kernel
+    does on a GPU; without `cu_seq_lens_q` it is plain SDPA (generation, padded batches).
+
+    query/key/value [1, heads, N, head_dim] for a packed row; -> ([1, N, heads, head_dim], None) like SDPA.
+    Cost is sum_i L_i^2 per layer, not N^2 as a dense block-diagonal mask would be.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq_lens = kwargs.pop("cu_seq_lens_q", None)
+    if cu_seq_lens is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    bounds = cu_seq_lens.tolist()
+    outputs = [
+        sdpa_attention_forward(
+            module,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            None,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=True,
+        )[0]
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def _packed_sdpa_mask(*args, attention_mask: Tensor | None = None, **kwargs):
+    """SDPA's mask, except for a row without a padding mask, where SDPA's causal flag (or, packed, the per-sequence
+    calls above) already says everything: no [N, N] block-diagonal mask is built for a packed row."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def enable_packing(model: nn.Module) -> bool:
+    """Switch `model` (a causal LM, a scalar-head model or a PEFT wrapper of one) to packed attention when its family
+    supports it and it runs on SDPA; returns whether it did. Generation and padded batches run as before."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    full_attention = all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
+    if config.model_type not in PACKABLE_MODEL_TYPES or not full_attention:
+        return False
+    if config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_sdpa_mask)
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return True
+
+
+def is_packed(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config._attn_implementation == PACKED_ATTENTION
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layouts of a micro-batch: packed, or padded but trimmed to its longest real sequence
+
+
+@dataclass
+class Layout:
+    """Model inputs for a micro-batch, and where each real response token's prediction is read.
+
+    `positions` [P]: the columns of the model's output that predict response tokens (passed as `logits_to_keep`);
+    `select` [rows, P] bool: which of those predict a real token, in the row-major order of `response_mask`, so
+    `output[:, positions][select]` lines up with `response_ids[response_mask]` ([R] tokens).
+    """
+
+    inputs: dict[str, Tensor]
+    positions: Tensor
+    select: Tensor
+    response_mask: Tensor
+
+
+def layout(batch: Rollout, packed: bool) -> Layout:
+    """[query (left-padded) | response (right-padded)] -> model inputs of the real tokens only: packed end to end in
+    one row, or padded only to the micro-batch's longest prompt and longest answer."""
+    return _packed_layout(batch) if packed else _trimmed_layout(batch)
+
+
+def _packed_layout(batch: Rollout) -> Layout:
+    """One row of N = sum of real lengths tokens; positions restart at 0 per sequence; `cu_seq_lens_*` [B + 1] are
+    the sequence boundaries (flash-attention's names), read by `packed_sdpa_attention`."""
+    response_mask = batch.response_mask.bool()
+    mask = torch.cat([batch.query_mask.bool(), response_mask], dim=1)  # [B, Lq + Lr]: real tokens
+    predicts = torch.zeros_like(mask)  # the token before each real response token
     start = batch.query_ids.shape[1] - 1
-    logits = logits[:, start : start + batch.response_ids.shape[1]] / temperature
-    logprobs = logprobs_from_logits(logits, batch.response_ids)
-    return logprobs, (entropy_from_logits(logits) if with_entropy else None)
+    predicts[:, start : start + response_mask.shape[1]] = response_mask
+    lengths = mask.sum(1)
+    cu_seq_lens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
+    inputs = {
+        "input_ids": torch.cat([batch.query_ids, batch.response_ids], dim=1)[mask].unsqueeze(0),
+        "position_ids": (mask.cumsum(1) - 1)[mask].unsqueeze(0),
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": int(lengths.max()),
+        "max_length_k": int(lengths.max()),
+    }
+    positions = predicts[mask].nonzero().squeeze(1)
+    select = torch.ones(1, len(positions), dtype=torch.bool, device=mask.device)
+    return Layout(inputs, positions, select, response_mask)
+
+
+def _trimmed_layout(batch: Rollout) -> Layout:
+    """Padded [B, P + W]: P = the longest prompt (columns left of it are padding in every row), W = the longest
+    answer; the answer-predicting columns P - 1 .. P + W - 2 are the same for every row."""
+    response_mask = batch.response_mask.bool()
+    prompt, width = int(batch.query_mask.sum(1).max()), int(response_mask.sum(1).max())
+    mask = torch.cat([batch.query_mask[:, -prompt:], batch.response_mask[:, :width]], dim=1)
+    inputs = {
+        "input_ids": torch.cat([batch.query_ids[:, -prompt:], batch.response_ids[:, :width]], dim=1),
+        "attention_mask": mask,
+        "position_ids": position_ids_from(mask),
+    }
+    positions = torch.arange(prompt - 1, prompt - 1 + width, device=mask.device)
+    return Layout(inputs, positions, response_mask[:, :width], response_mask)
+
+
+def scatter_tokens(values: Tensor, response_mask: Tensor) -> Tensor:
+    """[R] values of the real response tokens -> [B, Lr], 0 on padding (differentiable)."""
+    out = values.new_zeros(response_mask.shape)
+    out[response_mask] = values
+    return out
+
+
+def policy_forward(policy: nn.Module, batch: Rollout, temperature: float, entropy: EntropyMode = "none"):
+    """Log-probs [B, Lr] of the response tokens under `policy` (0 on padding), and their entropies when `entropy`
+    is "stat" (no gradient: a statistic) or "loss" (a loss term, with gradient); None for "none".
+
+    Logits are computed only where a response token is predicted, and log-softmax only at the sampled token."""
+    lay = layout(batch, is_packed(policy))
+    logits = policy(**lay.inputs, use_cache=False, logits_to_keep=lay.positions).logits[lay.select]  # [R, V]
+    labels = batch.response_ids[lay.response_mask]
+    logprobs = scatter_tokens(selective_log_softmax(logits, labels, temperature), lay.response_mask)
+    if entropy == "none":
+        return logprobs, None
+    with torch.no_grad() if entropy == "stat" else nullcontext():
+        entropies = chunked_entropy(logits, temperature)
+    return logprobs, scatter_tokens(entropies, lay.response_mask)
 
 
 def value_forward(value_model: nn.Module, batch: Rollout) -> Tensor:
-    """Per-token values [B, Lr]: the value head on the hidden state before each response token."""
-    input_ids, attention_mask, position_ids = sequence_inputs(batch)
+    """Per-token values [B, Lr] (0 on padding): the value head on the hidden state before each response token."""
+    lay = layout(batch, is_packed(value_model))
     backbone = getattr(value_model, value_model.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
+    hidden = backbone(**lay.inputs, use_cache=False).last_hidden_state[:, lay.positions][lay.select]  # [R, H]
     head = value_model.score if hasattr(value_model, "score") else value_model.classifier
-    values = head(hidden).squeeze(-1)
-    start = batch.query_ids.shape[1] - 1
-    return values[:, start : start + batch.response_ids.shape[1]].float()
+    return scatter_tokens(head(hidden).squeeze(-1).float(), lay.response_mask)
 
 
 @contextmanager
@@ -134,6 +282,7 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value = value
 
-    def forward(self, batch: Rollout, temperature: float):
-        logprobs, entropy = policy_forward(self.policy, batch, temperature, with_entropy=True)
-        return logprobs, entropy, value_forward(self.value, batch)
+    def forward(self, batch: Rollout, temperature: float, entropy: EntropyMode = "stat"):
+        """-> (log-probs, entropies or None, values), each [B, Lr]; `entropy` as in `policy_forward`."""
+        logprobs, entropies = policy_forward(self.policy, batch, temperature, entropy)
+        return logprobs, entropies, value_forward(self.value, batch)

@@ -37,7 +37,7 @@ from rlhf.ppo.checkpoint import PARTS, check_finite, load_checkpoint, save_check
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.update import PPORun, PromptSet
 from rlhf.rewards import RewardModelScorer, load_function
-from rlhf.rollout import PolicyAndValue, Rollout
+from rlhf.rollout import PolicyAndValue, Rollout, enable_packing
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,16 @@ def load_prompt_set(
     return PromptSet(ids, kept), report.drops
 
 
-def build_reward_sources(config: PPOStageConfig, device) -> dict[str, tuple[Any, float]]:
+def build_reward_sources(
+    config: PPOStageConfig, device, reward_manifest: dict[str, Any] | None
+) -> dict[str, tuple[Any, float]]:
     sources = {}
     for name, weight in zip(config.reward_sources, config.reward_weights, strict=True):
         if name == "reward_model":
-            sources[name] = (RewardModelScorer(config.reward_model, device, clip=config.reward_clip), weight)
+            scorer = RewardModelScorer(
+                config.reward_model, device, clip=config.reward_clip, manifest=reward_manifest
+            )
+            sources[name] = (scorer, weight)
         elif name == "safety":
             from rlhf.safety import SafetyReward
 
@@ -90,8 +95,8 @@ def load_models(config: PPOStageConfig, tokenizer, frozen=None):
     for model in (policy, reference, value):
         if model is not None:
             disable_dropout(model)
+            enable_packing(model)  # padding-free forward passes where the model family supports them
     return policy, reference, value
-
 
 
 def build_run(config: PPOStageConfig) -> PPORun:
@@ -105,8 +110,8 @@ def build_run(config: PPOStageConfig) -> PPORun:
     if policy_manifest:
         tokenizer.padding_side = policy_manifest["tokenizer"]["padding_side"]
         check_tokenizer_matches(policy_manifest, tokenizer, config.policy_model)
-    if config.reward_model:
-        read_manifest(config.reward_model, "reward")
+    # Read (and its files verified) once, before any model loads.
+    reward_manifest = read_manifest(config.reward_model, "reward") if config.reward_model else None
     prompts, drops = load_prompt_set(config, tokenizer, prompt_rows, prompt_report)
     if drops:
         log.warning("prompts dropped: %s", drops)
@@ -148,9 +153,19 @@ def build_run(config: PPOStageConfig) -> PPORun:
         tokenize_demonstrations(tokenizer, ptx_rows, 512, "truncate", "drop", Report()) if ptx_rows else None
     )
     with frozen_loading(accelerator):
-        sources = build_reward_sources(config, accelerator.device)
+        sources = build_reward_sources(config, accelerator.device, reward_manifest)
     return PPORun(
-        config, accelerator, tokenizer, model, reference, optimizer, scheduler, kl_ctl, sources, prompts, ptx,
+        config,
+        accelerator,
+        tokenizer,
+        model,
+        reference,
+        optimizer,
+        scheduler,
+        kl_ctl,
+        sources,
+        prompts,
+        ptx,
         # Demonstrations differ per rank, like sampling.
         ptx_generator=torch.Generator().manual_seed(config.seed + accelerator.process_index),
     )

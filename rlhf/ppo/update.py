@@ -1,11 +1,11 @@
 """One PPO update, as numbered steps: the run's state and what it does with one rollout.
 
-    1. generate      sample answers for `rollout_batch_size` prompts (KV cache, left-padded prompts)
-    2. score         each reward source on the decoded text, combined by weight; missing-EOS penalty
-    3. logprobs      policy (old), reference and values, no grad
-    4. rewards       r_t = -beta * KL_t, plus the score on the last token
-    5. advantages    GAE over response tokens, whitened
-    6. PPO epochs    clipped policy + value losses over minibatches, gradient accumulation over micro-batches
+1. generate      sample answers for `rollout_batch_size` prompts (KV cache, left-padded prompts)
+2. score         each reward source on the decoded text, combined by weight; missing-EOS penalty
+3. logprobs      policy (old), reference and values, no grad
+4. rewards       r_t = -beta * KL_t, plus the score on the last token
+5. advantages    GAE over response tokens, whitened
+6. PPO epochs    clipped policy + value losses over minibatches, gradient accumulation over micro-batches
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class PPORun:
 
     def forward_in_chunks(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = [
-            self.model(batch.select(chunk), self.config.temperature)
+            self.model(batch.select(chunk), self.config.temperature, entropy="none")
             for chunk in self.chunks(len(batch.has_eos))
         ]
         return torch.cat([o[0] for o in outputs]), torch.cat([o[2] for o in outputs])
@@ -233,18 +233,26 @@ class PPORun:
                 stopped = 1
                 break
         self.scheduler.step()
-        return {**totals.means(), "policy/early_stops": float(stopped), "loss/nonfinite_steps": float(skipped)}
+        return {
+            **totals.means(),
+            "policy/early_stops": float(stopped),
+            "loss/nonfinite_steps": float(skipped),
+        }
 
     def optimizer_step(self, batch: Rollout, minibatch: torch.Tensor) -> TokenWeightedMeans | None:
         """One optimizer step over `minibatch`; its statistics, or None when a non-finite loss skipped it."""
         config, accelerator = self.config, self.accelerator
         tokens = batch.response_mask[minibatch].sum().clamp(min=1)
         stats, losses = TokenWeightedMeans(), []
-        micro_batches = minibatch.split(config.micro_batch_size)
+        # Grouped by answer length, so a micro-batch's forward (trimmed to its longest sequence) carries little
+        # padding; the gradient is the same, the losses being normalised by the minibatch's token count.
+        by_length = minibatch[batch.response_mask[minibatch].sum(1).argsort(stable=True)]
+        micro_batches = by_length.split(config.micro_batch_size)
+        entropy_mode = "loss" if config.entropy_coef else "stat"
         for micro in micro_batches:
             mb = batch.select(micro)
             with accelerator.accumulate(self.model):
-                logprobs, entropy, values = self.model(mb, config.temperature)
+                logprobs, entropy, values = self.model(mb, config.temperature, entropy_mode)
                 # Normalise by the minibatch's token count: the sum over micro-batches is then the token mean.
                 pg_loss, pg_stats = ppo_policy_loss(
                     logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.cliprange, tokens
