@@ -41,6 +41,7 @@ from rlhf.data import (
 )
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import load_scalar_model, load_tokenizer
+from rlhf.pooling import POOLINGS
 from rlhf.rewards import Normalizer, RewardModelScorer, encode_for_scoring, reward_text, score_ids
 from rlhf.trainer_stage import (
     CommitMarkerCallback,
@@ -86,6 +87,13 @@ class RewardStageConfig(ModelFields, RewardConfig):
             "an eval row's user turn are dropped, counted); 0 = eval_data or eval_fraction."
         },
     )
+    pooling: str = field(
+        default="model",
+        metadata={
+            "help": "Where the score is read: 'model' (a decoder's last token, BERT's [CLS] pooler) or 'mean' "
+            "(a BERT-family encoder's mean hidden state, as sentence-transformers encoders were trained)."
+        },
+    )
     on_degenerate: str = field(
         default="drop",
         metadata={"help": "Identical answers, empty user turns: 'drop' (counted) or 'error'."},
@@ -95,6 +103,8 @@ class RewardStageConfig(ModelFields, RewardConfig):
         self.default_precision()
         super().__post_init__()
         self.check_model_fields()
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling: expected one of {', '.join(POOLINGS)}, found {self.pooling!r}")
         if self.on_degenerate not in DEGENERATE_POLICIES:
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
         if self.eval_last_rows < 0:
@@ -260,7 +270,12 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     # A fresh score head is drawn from the RNG: seed it, so a resumed run and an uninterrupted one start alike.
     set_seed(config.seed)
     model = load_scalar_model(
-        config.model_name_or_path, tokenizer, config.dtype, config.trust_remote_code, config.lora_settings()
+        config.model_name_or_path,
+        tokenizer,
+        config.dtype,
+        config.trust_remote_code,
+        config.lora_settings(),
+        config.pooling,
     )
     use_margin = any(p["margin"] is not None for p in train_pairs)
     trainer = GroupWeightedRewardTrainer(

