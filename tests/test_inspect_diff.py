@@ -99,8 +99,20 @@ def test_diff_command_writes_json_and_page_per_category(tmp_path, models, tiny_m
         top = category["neurons_by_activation"][0]
         assert top["unit"] == f"L{CHANGED_LAYER}.N{CHANGED_NEURON}"
         assert isinstance(top["explanation_after"], str) and -1.0 <= top["score_after"] <= 1.0
+    assert {c: v["prompts"] for c, v in result["categories"].items()} == {
+        "allowed": 2,
+        "disallowed": 1,
+        ALL: 4,
+    }
     page = (out / "diff.html").read_text()
     assert "disallowed" in page and f"L{CHANGED_LAYER}.N{CHANGED_NEURON}" in page
+    assert main([*argv, "--out", str(out), "--per-category", "1", "--max-new-tokens", "4"]) == 0
+    result = json.loads((out / "diff.json").read_text())
+    assert {c: v["prompts"] for c, v in result["categories"].items()} == {
+        "allowed": 1,
+        "disallowed": 1,
+        ALL: 3,
+    }
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):

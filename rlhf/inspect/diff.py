@@ -124,6 +124,7 @@ def trace(model, parts: ModelParts, ids: list[int], answer_start: int) -> Trace:
 class Totals:
     """Sums over tokens, per unit family (`mlp.L`, `attn.L`), for one category."""
 
+    prompts: int = 0
     tokens: int = 0
     answer_tokens: int = 0
     sums: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -177,6 +178,7 @@ def accumulate(models: tuple, sequences: Sequences) -> dict[str, Totals]:
             traces = tuple(trace(m, p, ids, start) for m, p in zip(models, parts, strict=True))
             for name in {category, ALL}:
                 slot = totals.setdefault(name, Totals())
+                slot.prompts += 1
                 slot.tokens += len(ids)
                 slot.answer_tokens += len(ids) - start
                 compare(parts, traces, slot, start)
@@ -219,7 +221,11 @@ def rank(totals: dict[str, Totals], top: int) -> dict[str, dict[str, Any]]:
     ranked = {}
     for category, slot in sorted(totals.items(), key=lambda kv: (kv[0] == ALL, kv[0])):
         rows = unit_rows(slot)
-        ranked[category] = {"tokens": slot.tokens, "answer_tokens": slot.answer_tokens}
+        ranked[category] = {
+            "prompts": slot.prompts,
+            "tokens": slot.tokens,
+            "answer_tokens": slot.answer_tokens,
+        }
         for kind, letter in (("neurons", ".N"), ("heads", ".H")):
             mine = [r for r in rows if letter in r["unit"]]
             ranked[category][f"{kind}_by_effect"] = sorted(mine, key=lambda r: -abs(r["effect_change"]))[:top]
@@ -255,6 +261,16 @@ def check_same_shape(models, paths: tuple[str, str], tokenizers) -> None:
         raise InspectError(f"{paths[0]} and {paths[1]}: different tokenizers; a diff needs the same tokens")
 
 
+def first_per_category(rows: list[dict], n: int) -> list[dict]:
+    seen: dict[str | None, int] = {}
+    kept = []
+    for row in rows:
+        seen[row.get("category")] = seen.get(row.get("category"), 0) + 1
+        if seen[row.get("category")] <= n:
+            kept.append(row)
+    return kept
+
+
 def load_inputs(args: argparse.Namespace):
     """Prompts and --data first (errors before any model loads), then both checkpoints."""
     from rlhf.data import load_prompts
@@ -264,7 +280,7 @@ def load_inputs(args: argparse.Namespace):
     rows, _ = load_prompts(args.prompts)
     if not rows:
         raise InspectError(f"{args.prompts}: empty prompts file (no rows)")
-    rows = rows[: args.limit] if args.limit else rows
+    rows = first_per_category(rows, args.per_category) if args.per_category else rows
     documents = read_documents(args.data) if args.data else []
     for path in (args.before, args.after):
         check_causal_lm(path)
@@ -280,7 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="*", help="More texts to explain the units on (as for `neurons`).")
     parser.add_argument("--out", default="outputs/inspect/diff", help="Output directory.")
     parser.add_argument("--top", type=int, default=10, help="Units listed per category and ranking.")
-    parser.add_argument("--limit", type=int, default=0, help="Use only the first N prompts (0 = all).")
+    parser.add_argument(
+        "--per-category", type=int, default=0, help="Use only the first N prompts of each category (0 = all)."
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Answer length.")
     parser.add_argument("--excerpt-tokens", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20, help="Top excerpts per unit for the explanations.")
@@ -383,8 +401,9 @@ def page(result: dict, explained: dict, models, tokenizer, sequences: Sequences)
         )
     ]
     for category, ranked in result["categories"].items():
-        count = sum(c == category for c in sequences.categories) if category != ALL else len(sequences.ids)
-        sections.append(html.heading(f"{category}: {count} prompts, {ranked['answer_tokens']} answer tokens"))
+        sections.append(
+            html.heading(f"{category}: {ranked['prompts']} prompts, {ranked['answer_tokens']} answer tokens")
+        )
         for key in RANKINGS:
             kind, _, measure = key.split("_", 2)
             what = "the change of their direct effect" if measure == "effect" else "activation change"
