@@ -33,8 +33,11 @@ class LoraSettings:
 
 
 def check_model_dir(path: str, trust_remote_code: bool) -> None:
-    """Refuse local directories with custom code (unless trusted) or with only pickle weights."""
+    """Refuse local directories with custom code (unless trusted) or with only pickle weights, and a local path
+    that does not exist (anything but a hub name `name` or `namespace/name`)."""
     if not os.path.isdir(path):
+        if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+            raise ModelLoadError(f"{path}: no such model directory")
         return
     config_file = Path(path) / "config.json"
     if config_file.exists() and "auto_map" in json.loads(config_file.read_text()) and not trust_remote_code:
