@@ -86,12 +86,18 @@ class RewardModelScorer:
     name = "reward_model"
 
     def __init__(
-        self, path: str, device: str | torch.device = "cpu", batch_size: int = 32, clip: float | None = None
+        self,
+        path: str,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        clip: float | None = None,
+        manifest: dict[str, Any] | None = None,
     ):
+        """`manifest`: the stage manifest when the caller has already read (and verified) it."""
         from rlhf.checkpoint import read_manifest
         from rlhf.models import disable_dropout, load_scalar_model, load_tokenizer
 
-        manifest = read_manifest(path, "reward")
+        manifest = manifest or read_manifest(path, "reward")
         self.tokenizer = load_tokenizer(path)
         self.model = load_scalar_model(path, self.tokenizer).to(device).eval()
         disable_dropout(self.model)
