@@ -82,16 +82,25 @@ def test_marked_tokens_and_their_share():
 def test_cli_writes_json_and_page(reward_dir, tmp_path):
     data = write_jsonl(
         tmp_path / "answers.jsonl",
-        [{"prompt": "What is 3 + 4?", "responses": ["3 + 4 = 7.", "Sorry, I can't help with that."]}],
+        [
+            {
+                "prompt": "What is 3 + 4?",
+                "responses": ["3 + 4 = 7.", "Sorry, I can't help with that."],
+                "category": "a",
+            },
+            {"prompt": "Hi", "response": "Hello", "category": "b"},
+        ],
     )
     argv = ["inspect", "reward", "--model", reward_dir, "--data", str(data), "--out", str(tmp_path / "out")]
-    assert rlhf_main([*argv, "--mark", "Sorry", "--steps", "16"]) == 0
+    assert rlhf_main([*argv, "--mark", "Sorry", "--steps", "16", "--category", "a"]) == 0
     report = json.loads((tmp_path / "out" / "reward.json").read_text())
+    assert [row["response"] for row in report["rows"]] == ["3 + 4 = 7.", "Sorry, I can't help with that."]
     refusal = report["rows"][1]
     assert [t for t, m in zip(refusal["tokens"], refusal["marked"], strict=True) if m]
     assert report["summary"]["answers_with_mark"] == 1
     assert len(report["rows"][0]["ig"]) == len(report["rows"][0]["tokens"])
     assert "Reward attribution" in (tmp_path / "out" / "reward.html").read_text()
+    assert rlhf_main([*argv, "--category", "c"]) == 2
 
 
 @pytest.mark.parametrize(

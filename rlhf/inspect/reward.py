@@ -1,6 +1,7 @@
 """Which tokens earn a reward-model score? Integrated gradients over the embeddings, checked by leave-one-out.
 
-    rlhf inspect reward --model REWARD_CKPT --data FILE [--mark REGEX] [--baseline mean|pad] [--steps 64] [--out DIR]
+    rlhf inspect reward --model REWARD_CKPT --data FILE [--category C] [--mark REGEX] [--baseline mean|pad]
+        [--steps 64] [--out DIR]
 
 FILE holds `prompt` + `response` (or `responses`) rows, as for `rlhf reward score`. Each answer is rendered
 the way the reward model reads it (`rlhf.rewards.reward_text`) and scored at its last token. Integrated
@@ -120,6 +121,7 @@ def positive_share(values: list[float], chosen: list[bool]) -> float | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Reward-model checkpoint (sequence classification).")
     parser.add_argument("--data", required=True, help="prompt + response (or responses) rows.")
+    parser.add_argument("--category", help="Only the rows of this prompt category (e.g. disallowed).")
     parser.add_argument("--mark", help="Regex over the answers: report the positive share its tokens carry.")
     parser.add_argument("--steps", type=int, default=64, help="Integrated-gradients steps.")
     parser.add_argument(
@@ -143,11 +145,16 @@ def check_reward_model(path: str) -> None:
         )
 
 
-def load_answers(path: str) -> list[tuple[list[dict], str, dict]]:
-    """(prompt messages, answer, row) for every answer in the file; a row without an answer is an error."""
+def load_answers(path: str, category: str | None = None) -> list[tuple[list[dict], str, dict]]:
+    """(prompt messages, answer, row) for every answer in the file (of one prompt category if given); a row
+    without an answer is an error."""
     from rlhf.data import DataError, load_prompts, problem_at
 
     rows, _ = load_prompts(path)  # an empty file is already an error there
+    if category is not None:
+        rows = [row for row in rows if row.get("category") == category]
+        if not rows:
+            raise InspectError(f"{path}: no row has category {category!r}")
     missing = [row for row in rows if "response" not in row and "responses" not in row]
     if missing:
         raise DataError(
@@ -169,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         raise InspectError(f"--steps must be at least 1, got {args.steps}")
     pattern = _compile(args.mark)
     check_reward_model(args.model)
-    answers = load_answers(args.data)
+    answers = load_answers(args.data, args.category)
     tokenizer = load_tokenizer(args.model)
     model = load_scalar_model(args.model, tokenizer).eval()
     disable_dropout(model)
