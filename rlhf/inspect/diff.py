@@ -390,6 +390,7 @@ def _example(unit: str, models, tokenizer, ids: list[int]) -> list[str]:
 
 def page(result: dict, explained: dict, models, tokenizer, sequences: Sequences) -> list[str]:
     from rlhf.inspect import html
+    from rlhf.inspect.neurons import unit_card
 
     sections = [
         html.paragraph(
@@ -414,8 +415,8 @@ def page(result: dict, explained: dict, models, tokenizer, sequences: Sequences)
             sections.append(html.heading(f"{unit} on a {category} prompt", level=3))
             sections += _example(unit, models, tokenizer, sequences.ids[first])
     sections.append(html.heading("Units: top-activating excerpts after RLHF"))
-    for unit, r in sorted(explained["after"].items()):
-        top, _ = r["recording"].excerpts(unit)
-        cards = [(e.tokens, e.activations) for e in top[:3]]
-        sections.append(html.unit_card(unit, r["explanation"], r["score"], cards, r["max_activation"]))
+    sections += [
+        unit_card(r["recording"], u, r["explanation"], r["score"])
+        for u, r in sorted(explained["after"].items())
+    ]
     return sections

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf.inspect import InspectError
+
 
 @dataclass
 class Excerpt:
@@ -308,8 +310,6 @@ class LLMSimulator(_LocalLM):
                     logits = self.model(torch.tensor([ids[-self.context :]])).logits[0]
                 reads = [r - max(len(ids) - self.context, 0) for r in reads]
                 if reads[0] < 0:
-                    from rlhf.inspect import InspectError
-
                     raise InspectError(
                         f"the simulator's context ({self.context} tokens) cannot hold the prompt"
                     )
@@ -344,8 +344,6 @@ def explain_units(recording, units: list[str], explainer: Explainer, simulator: 
 
 
 def make_pair(kind: str, model: str | None, simulator_model: str | None) -> tuple[Explainer, Simulator]:
-    from rlhf.inspect import InspectError
-
     if kind == "offline":
         return token_explainer, token_simulator
     if not model:
@@ -391,8 +389,9 @@ def select_units(recording, names: list[str] | None, top: int) -> list[str]:
     return units
 
 
-def results_page(recording, results: list[dict], title: str) -> list[str]:
+def results_page(recording, results: list[dict]) -> list[str]:
     from rlhf.inspect import html
+    from rlhf.inspect.neurons import unit_card
 
     ranked = sorted(results, key=lambda r: -r["score"])
     scores = [r["score"] for r in results]
@@ -409,10 +408,7 @@ def results_page(recording, results: list[dict], title: str) -> list[str]:
             ],
         ),
     ]
-    for r in ranked[:50]:
-        top, _ = recording.excerpts(r["unit"])
-        cards = [(e.tokens, e.activations) for e in top[:3]]
-        sections.append(html.unit_card(r["unit"], r["explanation"], r["score"], cards, r["max_activation"]))
+    sections += [unit_card(recording, r["unit"], r["explanation"], r["score"]) for r in ranked[:50]]
     return sections
 
 
@@ -432,10 +428,11 @@ def run(args: argparse.Namespace) -> int:
     html.write_page(
         out / "explanations.html",
         f"Explanations of {recording.meta.get('model')}",
-        results_page(recording, results, ""),
+        results_page(recording, results),
     )
     scores = np.array([r["score"] for r in results])
+    good = int((scores >= 0.5).sum())
     print(
-        f"explained {len(results)} units: mean score {scores.mean():.3f}, {int((scores >= 0.5).sum())} with score >= 0.5 -> {out}"
+        f"explained {len(results)} units: mean score {scores.mean():.3f}, {good} with score >= 0.5 -> {out}"
     )
     return 0

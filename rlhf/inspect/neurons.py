@@ -292,6 +292,17 @@ def record(
     return Recording(tensors, token_strings(tokenizer, excerpts), meta)
 
 
+def unit_card(
+    recording: Recording, unit: str, explanation: str | None = None, score: float | None = None
+) -> str:
+    """A unit's explanation and score above its 3 top excerpts, shaded on the scale of its largest activation."""
+    from rlhf.inspect import html
+
+    top, _ = recording.excerpts(unit)
+    scale = max((max(e.activations) for e in top if e.activations), default=0.0)
+    return html.unit_card(unit, explanation, score, [(e.tokens, e.activations) for e in top[:3]], scale)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Command
 
@@ -336,10 +347,9 @@ def run(args: argparse.Namespace) -> int:
     for family in recording.families:
         peaks = recording.tensors[f"{family}.max"]
         sections.append(html.heading(f"{family}: the 5 units with the largest activation"))
-        for u in peaks.argsort(descending=True)[:5].tolist():
-            top, _ = recording.excerpts(unit_name(family, u))
-            cards = [(e.tokens, e.activations) for e in top[:3]]
-            sections.append(html.unit_card(unit_name(family, u), None, None, cards, float(peaks[u])))
+        sections += [
+            unit_card(recording, unit_name(family, u)) for u in peaks.argsort(descending=True)[:5].tolist()
+        ]
     html.write_page(Path(args.out) / "neurons.html", "Neuron activations", sections)
     units = sum(recording.units(f) for f in recording.families)
     print(f"recorded {units} units over {recording.meta['excerpts']} excerpts -> {args.out}")
