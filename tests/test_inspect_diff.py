@@ -33,6 +33,15 @@ def models(tiny_model_dir):
     return before, after, tokenizer
 
 
+@pytest.fixture(scope="module")
+def after_dir(models, tmp_path_factory) -> str:
+    _, after, tokenizer = models
+    path = tmp_path_factory.mktemp("after")
+    after.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def sequence(tokenizer) -> tuple[list[int], int]:
     from rlhf.data import render_prompt
 
@@ -75,11 +84,7 @@ def test_the_changed_neuron_ranks_first_and_nothing_else_moves(models):
     assert ranked["neurons_by_effect"][0]["unit"] == first["unit"]
 
 
-def test_diff_command_writes_json_and_page_per_category(tmp_path, models, tiny_model_dir, capsys):
-    _, after, tokenizer = models
-    after_dir = tmp_path / "after"
-    after.save_pretrained(after_dir)
-    tokenizer.save_pretrained(after_dir)
+def test_diff_command_writes_json_and_page_per_category(tmp_path, after_dir, tiny_model_dir):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     out = tmp_path / "diff"
     argv = [
@@ -132,3 +137,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and expected in err
+
+
+def test_report_summary_links_the_page_and_names_each_category_top_neuron(
+    tmp_path, after_dir, tiny_model_dir
+):
+    from rlhf.inspect.diff import report_summary
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    summary = report_summary(tiny_model_dir, after_dir, str(prompts), tmp_path / "inspect", per_category=1)
+    assert summary["page"] == "inspect/diff.html" and (tmp_path / summary["page"]).exists()
+    assert set(summary["top"]) == {"allowed", "disallowed", ALL}
+    assert summary["top"]["disallowed"]["unit"] == f"L{CHANGED_LAYER}.N{CHANGED_NEURON}"

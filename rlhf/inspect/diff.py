@@ -21,6 +21,7 @@ texts plus any `--data`. Output: `diff.json` and `diff.html`.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,3 +421,21 @@ def page(result: dict, explained: dict, models, tokenizer, sequences: Sequences)
         for u, r in sorted(explained["after"].items())
     ]
     return sections
+
+
+def report_summary(before: str, after: str, prompts: str, out: Path, per_category: int) -> dict[str, Any]:
+    """`diff` on the first `per_category` prompts of each category, for a pipeline report to link.
+
+    Returns the page's path relative to `out`'s parent and, per category, the neuron whose direct effect on the
+    answers changed most, with its explanation and score in the PPO model.
+    """
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--before", before, "--after", after, "--prompts", prompts, "--out", str(out)]
+    run(parser.parse_args([*argv, "--per-category", str(per_category), "--top", "5"]))
+    result = json.loads((Path(out) / "diff.json").read_text())
+    return {
+        "page": f"{Path(out).name}/diff.html",
+        "per_category": per_category,
+        "top": {c: ranked["neurons_by_effect"][0] for c, ranked in result["categories"].items()},
+    }
