@@ -413,7 +413,7 @@ def page(result: dict, explained: dict, models, tokenizer, sequences: Sequences)
         if category != ALL:
             first = sequences.categories.index(category)
             unit = ranked["neurons_by_effect"][0]["unit"]
-            sections.append(html.heading(f"{unit} on a {category} prompt", level=3))
+            sections.append(html.heading(f"{unit} on the first {category} prompt, before and after", level=3))
             sections += _example(unit, models, tokenizer, sequences.ids[first])
     sections.append(html.heading("Units: top-activating excerpts after RLHF"))
     sections += [
