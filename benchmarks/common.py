@@ -10,6 +10,11 @@ One update of the configuration (defaults of `Setup`):
     (micro-batch 8, no accumulation), fp32, a 4-layer 256-wide Llama (vocab 1029) as policy, reference and value
     (value = the policy's backbone with a fresh scalar head), reward from the demo gold judge ("function") or
     from a same-size sequence classifier ("model").
+
+The realistic configuration (`REALISTIC`) lets answers end at EOS: 16 prompts, answers of up to 256 tokens whose
+lengths vary (the policy ends an answer at each step with probability 1/64, so lengths are geometric, mean about
+64), micro-batches of 4 (4 accumulated per optimizer step). Its policy is the same tiny Llama with one hidden
+dimension turned into a constant channel that feeds the EOS logit (`write_eos_policy`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import resource
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "benchmarks" / ".cache"
 RESULTS = REPO / "benchmarks" / "results"
 PROMPT_SOURCE = REPO / "data" / "demo" / "prompts.jsonl"
+EOS_CHANNEL = 4.0  # write_eos_policy: the constant hidden value; ~20x the other dimensions' typical size
 QUIET_MARGIN = 0.2  # cores: what other processes may use beyond the cores our threads leave them
 
 
@@ -53,7 +60,20 @@ class Setup:
     )
     threads: int = 2
     seed: int = 0
-    device: str = "cpu"  # "cpu" or "cuda"
+    device: str = "cpu"  # "cpu" (float32) or "cuda" (bf16 autocast over float32 weights, SDPA)
+    micro_batch: int = 0  # samples per forward/backward; 0 = all prompts in one
+    stop_at_eos: bool = False  # False: every answer runs response_length tokens (EOS sampled past, then cut)
+    eos_probability: float = 0.0  # > 0: a policy that ends an answer at each step with this probability
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch or self.prompts
+
+
+# Answers end at EOS at varied lengths: the configuration of issue #16.
+REALISTIC = Setup(
+    prompts=16, response_length=256, micro_batch=4, stop_at_eos=True, eos_probability=1 / 64, reward="model"
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,6 +97,10 @@ def prepare(setup: Setup) -> dict[str, str]:
         init_tiny(str(policy), size, [str(REPO / "data" / "demo")], seed=0)
     if not (reward / "manifest.json").exists():
         _write_reward_model(str(policy), str(reward))
+    if setup.eos_probability > 0:
+        base, policy = policy, root / f"policy-eos{setup.eos_probability:.4g}-t{setup.temperature:g}"
+        if not (policy / "model.safetensors").exists():
+            write_eos_policy(str(base), str(policy), setup.eos_probability, setup.temperature)
     prompts_file = CACHE / f"prompts-{setup.prompts}.jsonl"
     if not prompts_file.exists():
         lines = PROMPT_SOURCE.read_text().splitlines()[: setup.prompts]
@@ -108,6 +132,47 @@ def _write_reward_model(policy: str, out: str) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     write_manifest(out, "reward", {}, {}, {}, tokenizer, extra={"normalization": {"mean": 0.0, "std": 1.0}})
+
+
+def write_eos_policy(base: str, out: str, eos_probability: float, temperature: float) -> None:
+    """The base policy changed so that, at `temperature`, each sampled token is EOS with about `eos_probability`.
+
+    A random tiny Llama almost never samples EOS, and a trained one ends where its data did; this gives a fixed,
+    known length distribution instead (geometric). The last hidden dimension d becomes a constant channel: every
+    token embedding holds CHANNEL there and no layer writes to it, so after the final RMSNorm it is about
+    sqrt(hidden) * (1 - small) at every position. The embeddings are tied to the LM head, so every logit gets
+    y_d * CHANNEL (a shift that softmax ignores) and EOS gets y_d * (CHANNEL + delta): delta sets the EOS odds.
+    The large constant also shrinks the other normalised dimensions, so the other tokens come out nearly uniform.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    d, eos = model.config.hidden_size - 1, tokenizer.eos_token_id
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[:, d] = EOS_CHANNEL
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[d] = 0
+            layer.mlp.down_proj.weight[d] = 0
+        model.model.norm.weight[d] = 1.0
+        # Pick delta by bisection so that the mean EOS probability over a sequence of random tokens (what this
+        # near-uniform policy samples) is eos_probability.
+        ids = torch.randint(0, vocab, (1, 256), generator=torch.Generator().manual_seed(0))
+        low, high = 0.0, 5.0
+        for _ in range(30):
+            delta = (low + high) / 2
+            embeddings[eos, d] = EOS_CHANNEL + delta
+            logits = model(input_ids=ids, use_cache=False).logits[0] / temperature
+            if torch.softmax(logits, -1)[:, eos].mean() < eos_probability:
+                low = delta
+            else:
+                high = delta
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def prompt_ids(policy: str, prompts_file: str) -> list[list[int]]:
@@ -235,17 +300,21 @@ def ours_config(setup: Setup, paths: dict[str, str], output_dir: str, updates: i
         "output_dir": output_dir,
         "value_init": "policy",
         "dtype": "float32",
+        "mixed_precision": "bf16" if setup.device == "cuda" else "no",
         "max_new_tokens": setup.response_length,
-        "always_full_length": "true",
+        "always_full_length": str(not setup.stop_at_eos).lower(),
         "temperature": setup.temperature,
         "rollout_batch_size": setup.prompts,
         "mini_batch_size": setup.prompts,
-        "micro_batch_size": setup.prompts,
+        "micro_batch_size": setup.micro,
         "ppo_epochs": setup.ppo_epochs,
         "total_updates": updates,
         "learning_rate": setup.learning_rate,
         "adam_eps": setup.adam_eps,
         "kl_coef": setup.kl_coef,
+        # TRL subtracts its missing_eos_penalty (1.0) from the score of an answer without EOS: the same here.
+        "missing_eos_penalty": -1.0,
+        "missing_eos_mode": "subtract",
         "save_every": updates + 1,
         "sample_every": updates + 1,
         "report_to": "none",
@@ -266,18 +335,18 @@ class Ours:
     """Our PPO stage, built as `rlhf.ppo.main` builds it; `step()` runs one `run_update`."""
 
     def __init__(self, setup: Setup, paths: dict[str, str], output_dir: str, updates: int):
-        from rlhf.ppo import build_trainer
+        from rlhf.ppo import build_run
 
         os.makedirs(output_dir, exist_ok=True)
         self.setup = setup
-        self.trainer = build_trainer(ours_config(setup, paths, output_dir, updates))
+        self.run = build_run(ours_config(setup, paths, output_dir, updates))
 
     def step(self) -> dict[str, float]:
         from rlhf.ppo import run_update
 
         sync(self.setup.device)
         start, cpu = time.perf_counter(), time.process_time()
-        stats = run_update(self.trainer)
+        stats = run_update(self.run)
         sync(self.setup.device)
         seconds = time.perf_counter() - start
         tokens = stats["response/length"] * self.setup.prompts
@@ -288,6 +357,8 @@ class Ours:
             "tokens": tokens,
             "tokens_per_second": tokens / seconds,
             "generate_tokens_per_second": tokens / stats["time/generate"],
+            "mean_length": stats["response/length"],
+            "eos_rate": stats["response/eos_rate"],
         }
 
 
@@ -295,19 +366,27 @@ class Ours:
 # The bare-compute limit: the same work written directly in torch, nothing else
 
 
+def autocast(device: str):
+    """bf16 autocast on a GPU (float32 weights and optimizer, as accelerate's and TRL's bf16 do); off on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+
 class Limit:
     """The least any PPO implementation must compute per update, on the same models and inputs:
 
     one `generate` call with our sampling settings; no-grad forwards for the old log-probs, reference log-probs,
     values (and the reward model's score when the reward is a model); then `ppo_epochs` x (forward of policy and
-    value, clipped PPO losses, backward, AdamW step). No accelerate, no stats, no copies, no EOS handling.
+    value, clipped PPO losses, backward, AdamW step), in micro-batches of `setup.micro` samples grouped by length.
+    No accelerate, no stats, no GAE, no gradient clipping. The forward passes are ours (`rlhf.rollout`'s
+    `policy_forward` and `value_forward`: only real tokens, packed where the model supports it, logits only where
+    an answer token is predicted), since they are the least work a pass needs; what is left out is the loop.
     """
 
     def __init__(self, setup: Setup, paths: dict[str, str]):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from rlhf.models import load_tokenizer
-        from rlhf.rollout import left_pad
+        from rlhf.rollout import enable_packing, left_pad
 
         self.setup, device = setup, setup.device
         self.tokenizer = load_tokenizer(paths["policy"], padding_side="left")
@@ -326,34 +405,24 @@ class Limit:
             if setup.reward == "model"
             else None
         )
+        self.packed = all([enable_packing(m) for m in (self.policy, self.reference, self.value)])
         for model in (self.reference, self.reward):
             if model is not None:
                 model.eval().requires_grad_(False)
         params = list(self.policy.parameters()) + list(self.value.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=setup.learning_rate, eps=setup.adam_eps)
 
-    def _logprobs(self, model, ids, mask, pos, responses):
-        start = self.query_ids.shape[1] - 1
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, start:-1]
-        logits = logits / self.setup.temperature
-        return torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    def _generate(self):
+        from rlhf.rollout import Rollout, cut_after_eos
 
-    def _values(self, ids, mask, pos):
-        start = self.query_ids.shape[1] - 1
-        hidden = self.value.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        return self.value.score(hidden[:, start:-1]).squeeze(-1)
-
-    def step(self) -> dict[str, float]:
         setup, tok = self.setup, self.tokenizer
-        sync(setup.device)
-        t0, cpu = time.perf_counter(), time.process_time()
         self.policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(setup.device):
             out = self.policy.generate(
                 input_ids=self.query_ids,
                 attention_mask=self.query_mask,
                 max_new_tokens=setup.response_length,
-                min_new_tokens=setup.response_length,
+                min_new_tokens=0 if setup.stop_at_eos else setup.response_length,
                 do_sample=True,
                 temperature=setup.temperature,
                 top_k=0,
@@ -363,38 +432,68 @@ class Limit:
                 use_cache=True,
             )
         responses = out[:, self.query_ids.shape[1] :]
-        sync(setup.device)
-        t1 = time.perf_counter()
-        mask = torch.cat([self.query_mask, torch.ones_like(responses)], dim=1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            old_logprobs = self._logprobs(self.policy, out, mask, pos, responses)
-            ref_logprobs = self._logprobs(self.reference, out, mask, pos, responses)
-            old_values = self._values(out, mask, pos)
-            if self.reward is not None:
-                score = self.reward(input_ids=out, attention_mask=mask, position_ids=pos).logits[:, 0]
-            else:
-                score = torch.zeros(len(out), device=out.device)
-            # Stand-ins for GAE: any advantages/returns of the right shape cost the same to train on.
-            advantages = ref_logprobs - old_logprobs + score.unsqueeze(1)
-            returns = old_values + advantages
-        sync(setup.device)
-        t2 = time.perf_counter()
+        if setup.stop_at_eos:
+            responses, mask, has_eos = cut_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+        else:
+            mask, has_eos = torch.ones_like(responses), torch.zeros(len(responses), dtype=torch.bool)
+        return Rollout(self.query_ids, self.query_mask, responses, mask, has_eos)
+
+    def _no_grad_passes(self, batch) -> list:
+        """Old log-probs, reference log-probs, values and score; stand-ins for GAE. -> micro-batches by length."""
+        from rlhf.rollout import layout, policy_forward, value_forward
+
+        lengths = batch.response_mask.sum(1)
+        micro = [batch.select(i) for i in lengths.argsort(stable=True).split(self.setup.micro)]
+        with torch.no_grad(), autocast(self.setup.device):
+            for mb in micro:
+                mb.logprobs = policy_forward(self.policy, mb, self.setup.temperature)[0]
+                mb.ref_logprobs = policy_forward(self.reference, mb, self.setup.temperature)[0]
+                mb.values = value_forward(self.value, mb)
+                if self.reward is not None:
+                    mb.scores = self.reward(**layout(mb, packed=False).inputs, use_cache=False).logits[:, 0]
+                else:
+                    mb.scores = torch.zeros(len(mb.has_eos), device=mb.values.device)
+                # Any advantages/returns of the right shape cost the same to train on.
+                mb.advantages = mb.ref_logprobs - mb.logprobs + mb.scores.float().unsqueeze(1)
+                mb.returns = mb.values + mb.advantages
+        return micro
+
+    def _train(self, micro: list) -> None:
+        from rlhf.rollout import policy_forward, value_forward
+
+        setup = self.setup
+        tokens = sum(mb.response_mask.sum() for mb in micro)
         self.policy.train()
         self.value.train()
         for _ in range(setup.ppo_epochs):
-            logprobs = self._logprobs(self.policy, out, mask, pos, responses)
-            values = self._values(out, mask, pos)
-            ratio = torch.exp(logprobs - old_logprobs)
-            pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
-            vclipped = old_values + (values - old_values).clamp(-0.2, 0.2)
-            vf_loss = 0.5 * torch.max((values - returns) ** 2, (vclipped - returns) ** 2).mean()
-            (pg_loss + 0.1 * vf_loss).backward()
+            for mb in micro:
+                mask = mb.response_mask.bool()
+                with autocast(setup.device):
+                    logprobs = policy_forward(self.policy, mb, setup.temperature)[0]
+                    values = value_forward(self.value, mb)
+                ratio = torch.exp(logprobs - mb.logprobs)
+                pg = torch.max(-mb.advantages * ratio, -mb.advantages * ratio.clamp(0.8, 1.2))
+                vclipped = mb.values + (values - mb.values).clamp(-0.2, 0.2)
+                vf = 0.5 * torch.max((values - mb.returns) ** 2, (vclipped - mb.returns) ** 2)
+                ((pg[mask].sum() + 0.1 * vf[mask].sum()) / tokens).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> dict[str, float]:
+        setup = self.setup
+        sync(setup.device)
+        t0, cpu = time.perf_counter(), time.process_time()
+        batch = self._generate()
+        sync(setup.device)
+        t1 = time.perf_counter()
+        micro = self._no_grad_passes(batch)
+        sync(setup.device)
+        t2 = time.perf_counter()
+        self._train(micro)
         sync(setup.device)
         t3 = time.perf_counter()
-        tokens = float(responses.numel())
+        lengths = batch.response_mask.sum(1)
+        tokens = float(lengths.sum())
         return {
             "update": t3 - t0,
             "cpu": time.process_time() - cpu,
@@ -404,6 +503,9 @@ class Limit:
             "tokens": tokens,
             "tokens_per_second": tokens / (t3 - t0),
             "generate_tokens_per_second": tokens / (t1 - t0),
+            "mean_length": tokens / len(lengths),
+            "eos_rate": float(batch.has_eos.float().mean()),
+            "lengths": lengths.tolist(),
         }
 
 

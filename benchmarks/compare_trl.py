@@ -1,27 +1,36 @@
-"""Our PPO against TRL 1.12's `trl.experimental.ppo.PPOTrainer` and the bare-compute limit, same tiny configuration.
+"""Our PPO against TRL 1.12's `trl.experimental.ppo.PPOTrainer` and the bare-compute limit, in two configurations.
 
-    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py              # 3 rounds + sweep (13 min measured, 1 thread)
-    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py --quick      # 1 round + a 2-point sweep (2.5 min)
-    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py --threads 1  # when other processes share the 2 cores
-    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py --no-sweep
+    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py                       # both configurations + the sweep
+    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py --config realistic    # answers that end at EOS only
+    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py --quick               # 1 round + a 2-point sweep
+    HF_HUB_OFFLINE=1 python benchmarks/compare_trl.py --device cuda         # bf16 autocast, SDPA, on a GPU
 
 TRL 1.12.0 is the newest TRL with a PPO trainer; it lives in its own virtualenv, benchmarks/.venv-trl112
 (git-ignored), created on first use with `pip install trl==1.12.0 torch==2.13.0` (pip resolves transformers to
 the newest release trl 1.12 accepts, `transformers>=4.56.2`; the versions used are recorded in the JSON).
 
-Both sides get the same weights, tokenizer and prompt token ids (common.prepare), the same four models (policy,
-frozen reference, value = policy backbone + fresh scalar head, reward = a same-size sequence classifier: ours
-reads it through its `reward_model` source, i.e. decode + chat template + re-tokenise + forward; TRL scores the
-token ids directly), 8 prompts per update (the same 8 every update), 48 tokens always sampled at temperature 0.7
-(ours: `always_full_length`; TRL: `stop_token=None`, `response_length=48`), 4 epochs over 1 minibatch of 8
-(TRL: `per_device_train_batch_size=8`, `gradient_accumulation_steps=1`, `num_mini_batches=1`,
-`local_rollout_forward_batch_size=8`), fp32 (TRL: `bf16=False`), no gradient checkpointing (TRL's default is on:
-turned off so both do the same compute), the same learning rate / AdamW eps / weight decay 0 and thread count.
-Each run is its own process (so ru_maxrss is that implementation's peak); runs alternate ours, TRL, limit per
-round. Per-update times exclude start-up: `warmup` updates are run first and dropped.
+The configurations (common.Setup):
+- fixed: 8 prompts, 48 tokens always sampled (ours: `always_full_length`; TRL: `stop_token=None`), one micro-batch
+  of 8. Every answer has the same length, so there is no padding to save.
+- realistic (common.REALISTIC): 16 prompts, answers that end at EOS (ours: generation stops at EOS; TRL:
+  `stop_token="eos"`), at most 256 tokens, from a policy that ends an answer at each step with probability 1/64
+  (geometric lengths, mean about 64; common.write_eos_policy); micro-batches of 4, accumulated into one optimizer
+  step per epoch (TRL: `per_device_train_batch_size=4`, `gradient_accumulation_steps=4`). The answer lengths of
+  every timed update are recorded and summarised with the figures.
 
-Writes benchmarks/results/compare_trl.json, compare_trl.png (bars) and compare_trl_sweep.png (seconds per update
-as response length and prompts per update grow).
+In both, the two loops and the limit get the same weights, tokenizer and prompt token ids (common.prepare), the
+same four models (policy, frozen reference, value = policy backbone + fresh scalar head, reward = a same-size
+sequence classifier: ours reads it through its `reward_model` source, i.e. decode + chat template + re-tokenise +
+forward; TRL scores the token ids directly), the same prompts every update, temperature 0.7, 4 epochs over 1
+minibatch (TRL: `num_mini_batches=1`, generation in one call: `local_rollout_forward_batch_size` = prompts),
+the same missing-EOS penalty (1 subtracted), fp32 on a CPU (TRL: `bf16=False`) and bf16 autocast on a GPU, no
+gradient checkpointing (TRL's default is on: turned off so both do the same compute), the same learning rate /
+AdamW eps / weight decay 0 and thread count. Each run is its own process (so ru_maxrss is that implementation's
+peak); runs alternate ours, TRL, limit per round. Per-update times exclude start-up: `warmup` updates are run
+first and dropped.
+
+Writes compare_trl.{json,png} and compare_trl_sweep.png (fixed: seconds per update as the response length and
+the prompts per update grow), and compare_trl_realistic.{json,png} (with the answer-length histogram).
 """
 
 from __future__ import annotations
@@ -43,7 +52,16 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, OtherLoad, Setup, load_average, median, prepare, wait_until_idle  # noqa: E402
+from common import (  # noqa: E402
+    REALISTIC,
+    RESULTS,
+    OtherLoad,
+    Setup,
+    load_average,
+    median,
+    prepare,
+    wait_until_idle,
+)
 
 TRL_VENV = HERE / ".venv-trl112"
 TRL_REQUIREMENTS = ["trl==1.12.0", "torch==2.13.0"]
@@ -68,7 +86,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="Before each run, wait up to this many s for other processes.",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 autocast and SDPA on every side."
+    )
+    parser.add_argument(
+        "--config",
+        default="both",
+        choices=("fixed", "realistic", "both"),
+        help="fixed: 8 prompts x 48 tokens always; realistic: 16 prompts, answers end at EOS, up to 256 tokens.",
+    )
     parser.add_argument("--out-dir", default=str(RESULTS))
     # internal: one measured run in this (project) virtualenv
     parser.add_argument("--worker", choices=("ours", "limit"), help=argparse.SUPPRESS)
@@ -155,7 +181,8 @@ def run(
             *("--temperature", str(setup.temperature), "--learning-rate", str(setup.learning_rate)),
             *("--adam-eps", str(setup.adam_eps), "--kl-coef", str(setup.kl_coef)),
             *("--warmup", str(warmup), "--updates", str(updates), "--max-updates", str(max_updates)),
-            *("--threads", str(setup.threads)),
+            *("--threads", str(setup.threads), "--micro-batch", str(setup.micro)),
+            *(["--stop-at-eos"] if setup.stop_at_eos else []),
             *("--seed", str(setup.seed), "--device", setup.device, "--out", out),
         ]
     else:
@@ -192,14 +219,41 @@ def pooled(runs: list[dict]) -> dict:
     """Medians over every quiet timed update of every run of one implementation; peak memory: median over runs."""
     every = [r for run_ in runs for r in run_["per_update"]]
     updates = [r for r in every if r["quiet"]] or every
-    keys = [k for k in updates[0] if k != "quiet" and all(k in u for u in updates)]
+    keys = [
+        k
+        for k in updates[0]
+        if k != "quiet" and isinstance(updates[0][k], (int, float)) and all(k in u for u in updates)
+    ]
     out = {f"median_{k}": round(median([u[k] for u in updates]), 4) for k in keys}
     out["peak_rss_mib"] = round(median([r["peak_rss_mib"] for r in runs]), 1)
     out["quiet_updates"] = sum(r["quiet"] for r in every)
     out["timed_updates"] = len(every)
     out["other_processes_cores"] = [r["other_processes_cores"] for r in runs]
     out["run_medians"] = [r["median"]["update"] for r in runs]
+    lengths = [n for r in updates for n in r.get("lengths", [])]
+    if lengths:
+        out["lengths"] = length_summary(lengths)
     return out
+
+
+def length_summary(lengths: list[int]) -> dict:
+    """Quantiles of the answer lengths (tokens up to and including EOS) and the raw list, for the histogram."""
+    ordered = sorted(lengths)
+
+    def q(p: float) -> int:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    return {
+        "answers": len(ordered),
+        "mean": round(sum(ordered) / len(ordered), 1),
+        **{
+            name: q(p)
+            for name, p in (("p10", 0.1), ("p25", 0.25), ("median", 0.5), ("p75", 0.75), ("p90", 0.9))
+        },
+        "min": ordered[0],
+        "max": ordered[-1],
+        "values": lengths,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,7 +309,7 @@ def sweep(base: Setup, args: argparse.Namespace, trl_python: Path) -> dict:
     return out
 
 
-def plot(summary: dict, sweep_result: dict | None, out_dir: Path, suffix: str = "") -> list[str]:
+def plot(summary: dict, sweep_result: dict | None, out_dir: Path, suffix: str, title: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,18 +322,21 @@ def plot(summary: dict, sweep_result: dict | None, out_dir: Path, suffix: str = 
         ("median_tokens_per_second", "generated tokens / s of update (higher is better)"),
         ("peak_rss_mib", "peak RSS, MiB (lower is better)"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    lengths = summary["limit"].get("lengths")
+    if lengths and lengths["min"] == lengths["max"]:
+        lengths = None  # every answer ran the full length: nothing to draw
+    fig, axes = plt.subplots(1, 3 + bool(lengths), figsize=(13 + 4 * bool(lengths), 4))
+    for ax, (key, panel) in zip(axes, panels, strict=False):
         values = [summary[n][key] for n in names]
         bars = ax.bar(labels, values, color=colors)
         ax.bar_label(bars, fmt="%.3g")
-        ax.set_title(title, fontsize=10)
-    threads = summary.get("threads", "?")
-    fig.suptitle(
-        f"PPO update, 4x256 Llama, 8 prompts x 48 tokens, 4 epochs, fp32, {summary.get('device', 'cpu')}, "
-        f"{threads} thread(s); medians of quiet updates",
-        fontsize=11,
-    )
+        ax.set_title(panel, fontsize=10)
+    if lengths:
+        axes[-1].hist(lengths["values"], bins=32, color="tab:gray")
+        axes[-1].set_title(
+            f"answer lengths, tokens (median {lengths['median']}, mean {lengths['mean']})", fontsize=10
+        )
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     paths = [str(out_dir / f"compare_trl{suffix}.png")]
     fig.savefig(paths[0], dpi=110)
@@ -310,22 +367,17 @@ def plot(summary: dict, sweep_result: dict | None, out_dir: Path, suffix: str = 
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return {}
-    started = time.perf_counter()
+def measure(name: str, setup: Setup, args: argparse.Namespace, trl_python: Path, with_sweep: bool) -> dict:
+    """Compare (and sweep) one configuration; write compare_trl[_NAME][_quick].{json,png}."""
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trl_python = ensure_trl_venv()
-    base = Setup(reward="model", threads=args.threads, device=args.device)
-    load_before = load_average()
-    summary = compare(base, args, trl_python)
-    sweep_result = None if args.no_sweep else sweep(base, args, trl_python)
+    started, load_before = time.perf_counter(), load_average()
+    print(f"configuration: {name}", file=sys.stderr, flush=True)
+    summary = compare(setup, args, trl_python)
+    sweep_result = sweep(setup, args, trl_python) if with_sweep else None
     result = {
         "benchmark": "compare_trl",
-        "setup": asdict(base),
+        "configuration": name,
+        "setup": asdict(setup),
         "rounds": args.rounds,
         "warmup": args.warmup,
         "updates_per_run": args.updates,
@@ -335,20 +387,53 @@ def main(argv: list[str] | None = None) -> dict:
         **summary,
         "sweep": sweep_result,
     }
-    result["plots"] = plot(summary, sweep_result, out_dir, "_quick" if args.quick else "")
-    result["total_seconds"] = round(time.perf_counter() - started, 1)
-    name = "compare_trl_quick.json" if args.quick else "compare_trl.json"
-    (out_dir / name).write_text(json.dumps(result, indent=1) + "\n")
+    suffix = ("" if name == "fixed" else f"_{name}") + ("_quick" if args.quick else "")
+    result["plots"] = plot(summary, sweep_result, out_dir, suffix, describe(setup))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / f"compare_trl{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     printed = {k: v for k, v in result.items() if k not in ("runs",)}
     for impl in ("ours", "trl", "limit"):
-        printed[impl] = {k: v for k, v in summary[impl].items()}
+        printed[impl] = {k: v for k, v in summary[impl].items() if k != "lengths"}
     print(json.dumps(printed, indent=1))
     r = summary["ratios"]
     print(
-        f"ours/trl = {r['ours_over_trl']} (TRL/ours = {r['trl_over_ours']}x), ours/limit = {r['ours_over_limit']}, "
-        f"peak RSS ours/trl = {r['ours_rss_over_trl_rss']}"
+        f"{name}: ours/trl = {r['ours_over_trl']} (TRL/ours = {r['trl_over_ours']}x), "
+        f"ours/limit = {r['ours_over_limit']}, peak RSS ours/trl = {r['ours_rss_over_trl_rss']}"
     )
+    if "lengths" in summary["limit"]:
+        lengths = {k: v for k, v in summary["limit"]["lengths"].items() if k != "values"}
+        print(f"{name}: answer lengths (limit's timed updates) {lengths}")
     return result
+
+
+def describe(setup: Setup) -> str:
+    answers = (
+        f"answers end at EOS (p={setup.eos_probability:.3g}/token), at most {setup.response_length} tokens"
+        if setup.stop_at_eos
+        else f"{setup.response_length} tokens always"
+    )
+    return (
+        f"PPO update, {setup.layers}x{setup.hidden_size} Llama, {setup.prompts} prompts, {answers}, micro-batch "
+        f"{setup.micro}, {setup.ppo_epochs} epochs, {'bf16' if setup.device == 'cuda' else 'fp32'}, "
+        f"{setup.device}, {setup.threads} thread(s); medians of quiet updates"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    trl_python = ensure_trl_venv()
+    results = {}
+    if args.config in ("fixed", "both"):
+        fixed = Setup(reward="model", threads=args.threads, device=args.device)
+        results["fixed"] = measure("fixed", fixed, args, trl_python, with_sweep=not args.no_sweep)
+    if args.config in ("realistic", "both"):
+        realistic = replace(REALISTIC, threads=args.threads, device=args.device)
+        results["realistic"] = measure("realistic", realistic, args, trl_python, with_sweep=False)
+    return results
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--reward", required=True, help="Reward model directory (sequence classifier).")
     parser.add_argument("--prompt-ids", required=True, help="JSON list of prompt token-id lists.")
     parser.add_argument("--response-length", type=int, default=48)
+    parser.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="stop_token='eos'; default None: always response_length tokens.",
+    )
+    parser.add_argument("--micro-batch", type=int, default=0, help="Samples per forward/backward; 0 = all.")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--learning-rate", type=float, default=3e-6)
@@ -67,11 +73,15 @@ def main(argv: list[str]) -> None:
 
     ids = json.loads(open(args.prompt_ids).read())
     prompts = len(ids)
+    micro = args.micro_batch or prompts
     total_updates = args.warmup + args.max_updates
 
     # Time generation inside TRL's loop, and check it really samples response_length tokens.
     generate_seconds: list[float] = []
     generated_shapes: list[list[int]] = []
+    generated_lengths: list[
+        list[int]
+    ] = []  # per update: each answer's length up to and including its first EOS
     real_batch_generation = ppo_module.batch_generation
 
     def timed_batch_generation(model, queries, *rest, **kwargs):
@@ -81,6 +91,7 @@ def main(argv: list[str]) -> None:
         sync(args.device)
         generate_seconds.append(time.perf_counter() - start)
         generated_shapes.append([queries.shape[0], query_responses.shape[1] - queries.shape[1]])
+        generated_lengths.append(answer_lengths(query_responses[:, queries.shape[1] :], eos_token_id))
         return query_responses, logits
 
     ppo_module.batch_generation = timed_batch_generation
@@ -114,6 +125,7 @@ def main(argv: list[str]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     tokenizer.padding_side = "left"  # generation needs left-padded queries
+    eos_token_id = tokenizer.eos_token_id if args.stop_at_eos else None
     dtype = torch.float32
     policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype)
@@ -126,13 +138,15 @@ def main(argv: list[str]) -> None:
     output_dir = tempfile.mkdtemp(prefix="trl-ppo-bench-")
     config = PPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=prompts,  # micro-batch = minibatch = rollout: 1 minibatch, no accumulation
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,  # minibatch = rollout (1 minibatch), accumulated over micro-batches
+        gradient_accumulation_steps=prompts // micro,
         num_mini_batches=1,
         num_ppo_epochs=args.epochs,
-        local_rollout_forward_batch_size=prompts,
+        local_rollout_forward_batch_size=prompts,  # one generate call for all prompts, as ours
         response_length=args.response_length,
-        stop_token=None,  # no stop token: always sample response_length tokens (ours: always_full_length)
+        # None: always sample response_length tokens (ours: always_full_length); "eos": generation stops when
+        # every answer has ended, answers are cut after their first EOS.
+        stop_token="eos" if args.stop_at_eos else None,
         temperature=args.temperature,
         total_episodes=prompts * total_updates,
         num_sample_generations=0,
@@ -141,7 +155,7 @@ def main(argv: list[str]) -> None:
         weight_decay=0.0,  # TRL's config default is 0.01; ours uses 0
         kl_coef=args.kl_coef,
         missing_eos_penalty=1.0,
-        bf16=False,
+        bf16=args.device == "cuda",  # autocast over float32 weights, as ours with mixed_precision bf16
         fp16=False,
         gradient_checkpointing=args.gradient_checkpointing,
         use_cpu=args.device == "cpu",
@@ -168,10 +182,9 @@ def main(argv: list[str]) -> None:
         pass
 
     records = []
-    for interval, gen, shape in list(zip(intervals, generate_seconds, generated_shapes, strict=False))[
-        args.warmup :
-    ]:
-        tokens = shape[0] * shape[1]
+    timed = list(zip(intervals, generate_seconds, generated_lengths, strict=False))[args.warmup :]
+    for interval, gen, lengths in timed:
+        tokens = sum(lengths)  # real answer tokens (with stop_token None: all sampled tokens, as before)
         records.append(
             {
                 **interval,
@@ -179,6 +192,8 @@ def main(argv: list[str]) -> None:
                 "tokens": tokens,
                 "tokens_per_second": tokens / interval["update"],
                 "generate_tokens_per_second": tokens / gen,
+                "mean_length": tokens / len(lengths),
+                "lengths": lengths,
             }
         )
     quiet = [r for r in records if r["quiet"]] or records
@@ -201,7 +216,11 @@ def main(argv: list[str]) -> None:
             if isinstance(v, (int, float, bool, str, type(None)))
         },
         "generated_shapes": generated_shapes,
-        "median": {k: statistics.median(r[k] for r in quiet) for k in records[0] if k != "quiet"},
+        "median": {
+            k: statistics.median(r[k] for r in quiet)
+            for k in records[0]
+            if k != "quiet" and isinstance(records[0][k], (int, float))
+        },
         "quiet_updates": sum(r["quiet"] for r in records),
         "timed_updates": len(records),
         "per_update": records,
@@ -210,6 +229,16 @@ def main(argv: list[str]) -> None:
     }
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
+
+
+def answer_lengths(responses, eos_token_id: int | None) -> list[int]:
+    """Tokens of each answer up to and including its first EOS (all of them without EOS or stop token)."""
+    width = responses.shape[1]
+    if eos_token_id is None:
+        return [width] * responses.shape[0]
+    is_eos = responses == eos_token_id
+    first = is_eos.int().argmax(dim=1)
+    return [int(f) + 1 if e else width for f, e in zip(first, is_eos.any(dim=1), strict=True)]
 
 
 def sync(device: str) -> None:
