@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import write_jsonl
@@ -168,3 +170,27 @@ def test_cli_mean_ablation_reads_the_reference_prompts(tiny_model_dir, tmp_path,
     assert rlhf_main(argv) == 2  # no --reference
     assert "--reference" in capsys.readouterr().err
     assert rlhf_main([*argv, "--reference", str(reference)]) == 0
+
+
+def test_cli_over_a_prompts_file_summarises_the_check(tiny_model_dir, tmp_path, capsys):
+    prompts = [{"prompt": "What is 3 + 4?", "category": "x"}, {"prompt": "Hi", "category": "y"}]
+    prompts.append({"prompt": "What is 9 + 1?", "category": "x"})
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    argv = [
+        "inspect",
+        "logit-diff",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        str(data),
+        "--out",
+        str(tmp_path),
+    ]
+    argv += ["--target", "1", "--distractor", "2"]
+    assert rlhf_main([*argv, "--category", "x"]) == 0
+    report = json.loads((tmp_path / "logit_diff.json").read_text())
+    assert [p["prompt"] for p in report["prompts"]] == ["What is 3 + 4?", "What is 9 + 1?"]
+    assert report["summary"]["prompts"] == 2 and set(report["summary"]) == {"prompts", "total", "direct"}
+    capsys.readouterr()
+    assert rlhf_main([*argv, "--category", "z"]) == 2
+    assert "no prompt has category 'z'" in capsys.readouterr().err

@@ -90,11 +90,12 @@ def single_token(tokenizer, text: str, flag: str) -> int:
     )
 
 
-def encode_prompt(tokenizer, prompt: str, raw: bool) -> torch.Tensor:
-    """[1, seq] ids of the prompt as every stage renders it (chat template), or as given."""
+def encode_prompt(tokenizer, prompt: str | list[dict], raw: bool) -> torch.Tensor:
+    """[1, seq] ids of the prompt (a user message or a list of messages) as every stage renders it, or as given."""
     from rlhf.data import render_prompt
 
-    text = prompt if raw else render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = messages[-1]["content"] if raw else render_prompt(tokenizer, messages)
     ids = tokenizer(text, add_special_tokens=raw, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise InspectError("--prompt is empty")
@@ -280,7 +281,10 @@ def _ablation_row(units: list[Unit], result: dict, after: float) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Causal-LM checkpoint directory.")
-    parser.add_argument("--prompt", required=True, help="User message (rendered with the chat template).")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="User message (rendered with the chat template).")
+    prompts.add_argument("--prompts", help="Prompts file: every prompt in turn, with a summary over them.")
+    parser.add_argument("--category", help="With --prompts: only the prompts of this category.")
     parser.add_argument("--target", required=True, help="Token A (must be exactly one token).")
     parser.add_argument("--distractor", required=True, help="Token B (must be exactly one token).")
     parser.add_argument("--raw", action="store_true", help="Feed --prompt as is, without the chat template.")
@@ -300,54 +304,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """Everything checkable before the model loads: reference data, tokens, then the model itself."""
+    """Everything checkable before the model loads: prompts, reference data, tokens, then the model itself."""
     from rlhf.inspect import check_causal_lm
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 
     if args.ablation == "mean" and not args.reference:
         raise InspectError("--ablation mean needs --reference PROMPTS (the prompts the means are taken over)")
-    if not args.prompt.strip():
-        raise InspectError("--prompt is empty")
+    prompts = _prompts(args)
+    references = _read_prompts(args.reference) if args.reference else []
     check_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model)
     target = single_token(tokenizer, args.target, "--target")
     distractor = single_token(tokenizer, args.distractor, "--distractor")
     if target == distractor:
         raise InspectError(f"--target and --distractor are the same token ({args.target!r})")
-    references = []
-    if args.reference:
-        from rlhf.data import load_prompts
-
-        rows, _ = load_prompts(args.reference)
-        references = [encode_prompt(tokenizer, _user_text(row["prompt"]), args.raw) for row in rows]
     model = load_causal_lm(args.model, tokenizer).eval()
     disable_dropout(model)
-    return model, tokenizer, target, distractor, references
+    encoded = [encode_prompt(tokenizer, p, args.raw) for p in prompts]
+    return (
+        model,
+        tokenizer,
+        target,
+        distractor,
+        encoded,
+        [encode_prompt(tokenizer, p, args.raw) for p in references],
+    )
 
 
-def _user_text(prompt: list[dict]) -> str:
-    return prompt[-1]["content"]
+def _prompts(args: argparse.Namespace) -> list[str | list[dict]]:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise InspectError("--prompt is empty")
+        return [args.prompt]
+    prompts = _read_prompts(args.prompts, args.category)
+    if not prompts:
+        raise InspectError(f"{args.prompts}: no prompt has category {args.category!r}")
+    return prompts
+
+
+def _read_prompts(path: str, category: str | None = None) -> list[list[dict]]:
+    from rlhf.data import load_prompts
+
+    rows, _ = load_prompts(path)
+    return [row["prompt"] for row in rows if category is None or row.get("category") == category]
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer, target, distractor, references = _load(args)
+    model, tokenizer, target, distractor, prompts, references = _load(args)
     parts = locate(model)
     chosen = [parse_unit(text, parts) for text in args.ablate]
-    ids = encode_prompt(tokenizer, args.prompt, args.raw)
     means = unit_means(model, parts, references) if args.ablation == "mean" else None
-    result = attribute(model, parts, ids, target, distractor)
-    result["total"] = total_effects(model, parts, ids, target, distractor, means)
-    report = _report(args, tokenizer, ids, target, distractor, result)
-    report["check"] = {
-        ranking: ranking_check(model, parts, ids, scores, result, means, target, distractor)
-        for ranking, scores in (("total", result["total"]), ("direct", result["units"]))
-    }
-    if chosen:
-        after = ablation_effect(model, parts, ids, chosen, means, target, distractor)
-        report["ablation"] = _ablation_row(chosen, result, after)
-    _write(args.out, report)
-    _print_summary(report)
+    reports = []
+    for ids in prompts:
+        result = attribute(model, parts, ids, target, distractor)
+        result["total"] = total_effects(model, parts, ids, target, distractor, means)
+        report = _report(args, tokenizer, ids, target, distractor, result)
+        report["check"] = {
+            ranking: ranking_check(model, parts, ids, scores, result, means, target, distractor)
+            for ranking, scores in (("total", result["total"]), ("direct", result["units"]))
+        }
+        if chosen:
+            after = ablation_effect(model, parts, ids, chosen, means, target, distractor)
+            report["ablation"] = _ablation_row(chosen, result, after)
+        reports.append(report)
+    summary = summarise_checks(reports)
+    _write(args.out, reports, summary)
+    _print_summary(reports, summary)
     return 0
+
+
+def summarise_checks(reports: list[dict]) -> dict:
+    """Over prompts: how often ablating the top 5 removes at least half the logit difference, and the control less."""
+    summary: dict = {"prompts": len(reports)}
+    for ranking in ("total", "direct"):
+        top = [r["check"][ranking]["top"]["fraction_removed"] or 0.0 for r in reports]
+        control = [r["check"][ranking]["smallest"]["fraction_removed"] or 0.0 for r in reports]
+        summary[ranking] = {
+            "top_removes_half": sum(f >= 0.5 for f in top),
+            "control_removes_half": sum(abs(f) >= 0.5 for f in control),
+            "median_top_removed": sorted(top)[len(top) // 2],
+            "max_abs_control_removed": max(abs(f) for f in control),
+        }
+    return summary
 
 
 def _report(args, tokenizer, ids, target, distractor, result) -> dict:
@@ -355,7 +393,7 @@ def _report(args, tokenizer, ids, target, distractor, result) -> dict:
     ranked = sorted(scores, key=scores.get, reverse=True)
     return {
         "model": args.model,
-        "prompt": args.prompt,
+        "prompt": tokenizer.decode(ids[0], skip_special_tokens=True).strip(),
         "tokens": tokenizer.convert_ids_to_tokens(ids[0].tolist()),
         "target": {"text": args.target, "id": target, "token": tokenizer.convert_ids_to_tokens(target)},
         "distractor": {
@@ -379,30 +417,52 @@ def _unit_row(unit: Unit, result: dict) -> dict:
     return {"unit": unit.name, "direct": result["units"][unit], "total": result["total"][unit]}
 
 
-def _write(out: str, report: dict) -> None:
-    write_json(Path(out) / "logit_diff.json", report)
-    a, b = report["target"]["token"], report["distractor"]["token"]
-    write_page(
-        Path(out) / "logit_diff.html",
-        f"logit({a}) - logit({b}) = {report['logit_diff']:.3f}",
-        _sections(report),
+def _write(out: str, reports: list[dict], summary: dict) -> None:
+    single = len(reports) == 1
+    write_json(
+        Path(out) / "logit_diff.json", reports[0] if single else {"summary": summary, "prompts": reports}
     )
+    a, b = reports[0]["target"]["token"], reports[0]["distractor"]["token"]
+    sections = [] if single else [_summary_table(summary)]
+    for report in reports:
+        if not single:
+            sections.append(heading(f"{report['prompt']}: {report['logit_diff']:.3f}", level=2))
+        sections += _sections(report)
+    write_page(Path(out) / "logit_diff.html", f"logit({a}) - logit({b})", sections)
 
 
-def _print_summary(report: dict) -> None:
-    a, b = report["target"]["token"], report["distractor"]["token"]
-    print(f"logit({a}) - logit({b}) = {report['logit_diff']:.3f} (parts sum to {report['sum_of_parts']:.3f})")
-    for ranking, check in report["check"].items():
-        for name, row in check.items():
-            print(
-                f"ablate {name} {CHECK_UNITS} by {ranking} effect ({report['ablation_mode']}): "
-                f"{' '.join(row['units'])} -> {row['logit_diff_after']:.3f} "
-                f"({100 * (row['fraction_removed'] or 0):.0f}% removed)"
-            )
-    if "ablation" in report:
-        row = report["ablation"]
+def _summary_table(summary: dict) -> str:
+    rows = [(ranking, *summary[ranking].values()) for ranking in ("total", "direct")]
+    columns = [
+        "ranking",
+        "top 5 remove >= half",
+        "control removes >= half",
+        "median removed",
+        "max |control|",
+    ]
+    return table(columns, rows, caption=f"Ablation check over {summary['prompts']} prompts")
+
+
+def _print_summary(reports: list[dict], summary: dict) -> None:
+    for report in reports:
+        a, b = report["target"]["token"], report["distractor"]["token"]
+        removed = {k: report["check"][k]["top"]["fraction_removed"] or 0.0 for k in ("total", "direct")}
         print(
-            f"ablate {' '.join(row['units'])}: -> {row['logit_diff_after']:.3f} (change {row['change']:+.3f})"
+            f"logit({a}) - logit({b}) = {report['logit_diff']:.3f} (parts sum to {report['sum_of_parts']:.3f}); "
+            f"top {CHECK_UNITS} {' '.join(report['check']['total']['top']['units'])} remove "
+            f"{100 * removed['total']:.0f}% (by direct attribution: {100 * removed['direct']:.0f}%)"
+        )
+        if "ablation" in report:
+            row = report["ablation"]
+            print(
+                f"  ablate {' '.join(row['units'])}: -> {row['logit_diff_after']:.3f} ({row['change']:+.3f})"
+            )
+    for ranking in ("total", "direct"):
+        s = summary[ranking]
+        print(
+            f"{ranking} ranking over {summary['prompts']} prompts: top {CHECK_UNITS} remove >= half in "
+            f"{s['top_removes_half']}, the control in {s['control_removes_half']} (max |control| "
+            f"{s['max_abs_control_removed']:.3f})"
         )
 
 
