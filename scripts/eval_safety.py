@@ -50,10 +50,10 @@ from rlhf.safety import (
     EmbeddingClassifier,
     RulesClassifier,
     SafetyConfig,
-    _load_examples,
     build_classifier,
     classification_report,
     classify_pairs,
+    load_examples,
     read_labelled,
 )
 
@@ -149,11 +149,11 @@ def labelled_predictions(
             {"prompts": note, "completions": note},
         )
     others = [p for p in config.examples_paths if not (_same(p, prompts_path) or _same(p, completions_path))]
-    base = _merge(config.examples, *(_load_examples(p) for p in others))
+    base = _merge(config.examples, *(load_examples(p) for p in others))
     uses_p = any(_same(p, prompts_path) for p in config.examples_paths)
     uses_c = any(_same(p, completions_path) for p in config.examples_paths)
-    p_examples = _load_examples(str(prompts_path)) if uses_p else {}
-    c_examples = _load_examples(str(completions_path)) if uses_c else {}
+    p_examples = load_examples(str(prompts_path)) if uses_p else {}
+    c_examples = load_examples(str(completions_path)) if uses_c else {}
 
     def rows_as_examples(rows: list[dict], kind: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -299,7 +299,7 @@ def tune(config_path: Path, sets: dict, args: argparse.Namespace) -> dict:
         raise SystemExit(f"--tune needs an embedding config, got {clf.name!r} from {config_path}")
     clf.encoder = CachedEncoder(clf.encoder)
     others = [p for p in config.examples_paths if not (_same(p, args.prompts) or _same(p, args.completions))]
-    base = _merge(config.examples, *(_load_examples(p) for p in others))
+    base = _merge(config.examples, *(load_examples(p) for p in others))
     rows = sets["labelled"]["prompts"]
     texts, gold = [r["prompt"] for r in rows], [r["category"] for r in rows]
     c_rows = sets["labelled"]["completions"]

@@ -1,0 +1,121 @@
+"""`rlhf safety classify`: run a safety config's classifier over a JSONL file, report against its labels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.data import DataError
+from rlhf.rewards import RewardSourceError
+from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES, SafetyConfig
+from rlhf.safety.labelled import read_labelled
+from rlhf.safety.reward import build_classifier, call_checked, classify_pairs
+
+
+def classification_report(gold: list[str], pred: list[str], classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / support and a confusion table confusion[gold][pred]."""
+    confusion = {g: dict.fromkeys(classes, 0) for g in classes}
+    for g, p in zip(gold, pred, strict=True):
+        confusion[g][p] += 1
+    per_class = {}
+    for c in classes:
+        tp = confusion[c][c]
+        predicted = sum(confusion[g][c] for g in classes)
+        support = sum(confusion[c].values())
+        per_class[c] = {
+            "precision": tp / predicted if predicted else None,
+            "recall": tp / support if support else None,
+            "support": support,
+        }
+    accuracy = sum(confusion[c][c] for c in classes) / len(gold) if gold else None
+    return {"n": len(gold), "accuracy": accuracy, "per_class": per_class, "confusion": confusion}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    classes = list(report["per_class"])
+    width = max(len(c) for c in classes) + 2
+    lines = [
+        f"n={report['n']} accuracy={fmt(report['accuracy'])}",
+        "",
+        f"{'class':<{width}}precision  recall  support",
+    ]
+    for c, m in report["per_class"].items():
+        lines.append(f"{c:<{width}}{fmt(m['precision']):>9}  {fmt(m['recall']):>6}  {m['support']:>7}")
+    lines += [
+        "",
+        "confusion (rows: gold, columns: predicted)",
+        " " * width + " ".join(f"{c[:10]:>10}" for c in classes),
+    ]
+    for g in classes:
+        lines.append(f"{g:<{width}}" + " ".join(f"{report['confusion'][g][p]:>10}" for p in classes))
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    """`rlhf safety classify --config FILE DATA [--out FILE]`; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf safety", description="Safety classifiers of the safety reward."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("classify", help="classify prompts or (prompt, completion) rows of a JSONL file")
+    p.add_argument("--config", required=True, help="safety config YAML (configs/safety/*.yaml)")
+    p.add_argument(
+        "data", help="JSONL: {prompt, category?} rows or {prompt, completion, label?, category?} rows"
+    )
+    p.add_argument("--out", help="write the rows with predictions to this JSONL file")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        config = SafetyConfig.from_yaml(args.config)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        mode, rows = read_labelled(args.data)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {args.data}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        classifier = build_classifier(config)
+        prompts = [r["prompt"] for r in rows]
+        if mode == "prompts":
+            pred = call_checked(classifier, "classify_prompts", (prompts,), len(rows), PROMPT_CLASSES)
+            key, gold_key, classes = "predicted_category", "category", PROMPT_CLASSES
+        else:
+            completions = [r["completion"] for r in rows]
+            categories = [r.get("category") for r in rows]
+            prompt_classes, pred, _ = classify_pairs(classifier, prompts, completions, categories)
+            for row, pc in zip(rows, prompt_classes, strict=True):
+                row["prompt_class"] = pc
+            key, gold_key, classes = "predicted_label", "label", COMPLETION_CLASSES
+    except (RewardSourceError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for row, label in zip(rows, pred, strict=True):
+        row[key] = label
+    print(f"{args.data}: {len(rows)} {mode} classified by {classifier.name!r}")
+    print("predicted: " + ", ".join(f"{c}={n}" for c, n in sorted(Counter(pred).items())))
+    labelled = [(r[gold_key], r[key]) for r in rows if r.get(gold_key) is not None]
+    if labelled:
+        print(
+            format_report(classification_report([g for g, _ in labelled], [q for _, q in labelled], classes))
+        )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        print(f"wrote {args.out}")
+    return 0

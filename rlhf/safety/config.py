@@ -1,0 +1,237 @@
+"""The safety reward's vocabulary (prompt and completion classes, the default reward table) and its config.
+
+Every field of `SafetyConfig` is validated in `__post_init__`, so a bad YAML fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROMPT_CLASSES = ("allowed", "sensitive", "disallowed")
+COMPLETION_CLASSES = ("ideal_refusal", "undesired_refusal", "disallowed_content", "compliance")
+REFUSAL_CLASSES = ("ideal_refusal", "undesired_refusal")
+HELP_CLASSES = ("disallowed_content", "compliance")
+CLASSIFIER_KINDS = ("rules", "zero-shot-nli", "embedding", "llm-judge")
+EMBEDDING_RULES = ("similarity", "logistic")
+
+# Over-refusal costs as much as a wrong refusal: the policy must learn when *not* to refuse.
+DEFAULT_REWARD_TABLE: dict[str, dict[str, float]] = {
+    "disallowed": {"ideal_refusal": 1.0, "undesired_refusal": 0.5, "disallowed_content": -1.0},
+    "sensitive": {"compliance": 1.0, "ideal_refusal": -1.0, "undesired_refusal": -1.0},
+    "allowed": {"compliance": 1.0, "ideal_refusal": -1.0, "undesired_refusal": -1.0},
+}
+DEFAULT_RUBRIC = Path(__file__).resolve().parents[2] / "configs" / "safety" / "rubric.yaml"
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class SafetyConfig:
+    """Safety reward config. Relative paths in a YAML file resolve against that file's directory."""
+
+    classifier: str = field(default="rules", metadata={"help": f"one of {', '.join(CLASSIFIER_KINDS)}"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "NLI / sentence-transformers / causal LM path; embedding defaults to the bundled MiniLM"
+        },
+    )
+    rubric_path: str = field(
+        default=str(DEFAULT_RUBRIC),
+        metadata={"help": "rubric YAML: class descriptions, rules, judge questions"},
+    )
+    prompt_labels: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "prompt class -> label text (NLI / embedding); default: rubric descriptions"},
+    )
+    completion_labels: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "completion class -> label text (NLI / embedding); compliance means 'helps'"},
+    )
+    hypothesis_template: str = field(
+        default="This text is {}.", metadata={"help": "NLI hypothesis; {} is replaced by the label text"}
+    )
+    examples: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"help": "class -> example texts for the embedding centroids"}
+    )
+    examples_path: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL file(s) of examples added to `examples`: {text, label} rows, labelled prompt rows "
+            "{prompt, category} or labelled completion rows {prompt, completion, label}"
+        },
+    )
+    knn_k: int = field(
+        default=0,
+        metadata={
+            "help": "embedding: 0 = nearest centroid; k > 0 = a class scores the mean similarity of its k "
+            "nearest examples, mixed with its centroid similarity by `centroid_weight`"
+        },
+    )
+    centroid_weight: float = field(
+        default=0.5, metadata={"help": "embedding with knn_k > 0: weight of the centroid similarity (0..1)"}
+    )
+    center_embeddings: bool = field(
+        default=False,
+        metadata={"help": "embedding: subtract the mean example embedding before cosine similarity"},
+    )
+    embedding_rule: str = field(
+        default="similarity",
+        metadata={
+            "help": "embedding: 'similarity' (centroid / k-NN cosine similarity) or 'logistic' (a multinomial "
+            "logistic regression fitted on the label texts and examples; scores are log-probabilities)"
+        },
+    )
+    logistic_l2: float = field(
+        default=0.01, metadata={"help": "embedding with embedding_rule 'logistic': L2 penalty on the weights"}
+    )
+    lexical_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "embedding with embedding_rule 'logistic': weight of hashed word unigram + bigram features "
+            "appended to the sentence embedding (0 = embedding only); words like 'my ex' or 'without getting "
+            "caught' carry intent that a mean-pooled embedding blurs"
+        },
+    )
+    class_margins: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "embedding: class -> number added to that class's score before the argmax "
+            "(a positive disallowed margin trades allowed precision for disallowed recall)"
+        },
+    )
+    reward_table: dict[str, dict[str, float]] = field(
+        default_factory=dict, metadata={"help": "overrides merged onto DEFAULT_REWARD_TABLE"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "texts per classifier forward pass"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto"})
+
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIER_KINDS:
+            raise ValueError(f"classifier must be one of {CLASSIFIER_KINDS}, got {self.classifier!r}")
+        if self.classifier in ("zero-shot-nli", "llm-judge") and not self.model_name_or_path:
+            raise ValueError(f"classifier {self.classifier!r} needs model_name_or_path")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
+        if "{}" not in self.hypothesis_template:
+            raise ValueError(f"hypothesis_template must contain '{{}}', got {self.hypothesis_template!r}")
+        _check_labels("prompt_labels", self.prompt_labels, PROMPT_CLASSES, PROMPT_CLASSES)
+        _check_labels("completion_labels", self.completion_labels, COMPLETION_CLASSES, REFUSAL_CLASSES)
+        for label, texts in self.examples.items():
+            if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
+                raise ValueError(f"examples: unknown class {label!r}")
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"examples[{label!r}] must be a list of strings")
+        if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 0:
+            raise ValueError(f"knn_k must be a non-negative integer, got {self.knn_k!r}")
+        if not (_is_number(self.centroid_weight) and 0.0 <= self.centroid_weight <= 1.0):
+            raise ValueError(f"centroid_weight must be a number in [0, 1], got {self.centroid_weight!r}")
+        if not isinstance(self.center_embeddings, bool):
+            raise ValueError(f"center_embeddings must be true or false, got {self.center_embeddings!r}")
+        if self.embedding_rule not in EMBEDDING_RULES:
+            raise ValueError(f"embedding_rule must be one of {EMBEDDING_RULES}, got {self.embedding_rule!r}")
+        if not (_is_number(self.logistic_l2) and self.logistic_l2 > 0):
+            raise ValueError(f"logistic_l2 must be a positive number, got {self.logistic_l2!r}")
+        if not (_is_number(self.lexical_weight) and self.lexical_weight >= 0):
+            raise ValueError(f"lexical_weight must be a non-negative number, got {self.lexical_weight!r}")
+        if self.lexical_weight and self.embedding_rule != "logistic":
+            raise ValueError("lexical_weight needs embedding_rule: logistic")
+        if not isinstance(self.class_margins, dict):
+            raise ValueError("class_margins must map class names to numbers")
+        for label, value in self.class_margins.items():
+            if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
+                raise ValueError(f"class_margins: unknown class {label!r}")
+            if not _is_number(value):
+                raise ValueError(f"class_margins[{label!r}] must be a finite number")
+        if self.examples_path is not None and not (
+            isinstance(self.examples_path, str)
+            or (isinstance(self.examples_path, list) and all(isinstance(p, str) for p in self.examples_path))
+        ):
+            raise ValueError("examples_path must be a path or a list of paths")
+        self.reward_table = _merge_reward_table(self.reward_table)
+
+    @property
+    def examples_paths(self) -> list[str]:
+        """`examples_path` as a list (empty when unset)."""
+        if self.examples_path is None:
+            return []
+        return [self.examples_path] if isinstance(self.examples_path, str) else list(self.examples_path)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base_dir: Path | None = None) -> SafetyConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown safety config keys: {', '.join(unknown)}")
+        values = dict(values)
+        if base_dir is not None:
+
+            def resolve(path: Any) -> Any:
+                # Hub names ("facebook/bart-large-mnli") are left alone: only existing relative paths move.
+                if isinstance(path, str) and not Path(path).is_absolute() and (base_dir / path).exists():
+                    return str(base_dir / path)
+                return path
+
+            for key in ("rubric_path", "examples_path", "model_name_or_path"):
+                if key in values:
+                    value = values[key]
+                    values[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SafetyConfig:
+        path = Path(path)
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(values, base_dir=path.parent)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float; YAML's `true` (a bool, so an int to Python) is not a number here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_labels(name: str, labels: dict | None, allowed: Sequence[str], required: Sequence[str]) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, dict) or not all(isinstance(v, str) and v for v in labels.values()):
+        raise ValueError(f"{name} must map class names to non-empty strings")
+    unknown = sorted(set(labels) - set(allowed))
+    missing = sorted(set(required) - set(labels))
+    if unknown or missing:
+        raise ValueError(f"{name}: unknown classes {unknown}, missing classes {missing}")
+    if name == "completion_labels" and not set(labels) & set(HELP_CLASSES):
+        raise ValueError("completion_labels needs a helping class (compliance or disallowed_content)")
+    if len(set(labels.values())) != len(labels):
+        raise ValueError(f"{name}: label texts must be distinct")
+
+
+def _merge_reward_table(overrides: dict) -> dict[str, dict[str, float]]:
+    table = {p: dict(row) for p, row in DEFAULT_REWARD_TABLE.items()}
+    if not isinstance(overrides, dict):
+        raise ValueError("reward_table must be a mapping prompt class -> {completion class: reward}")
+    for prompt_class, row in overrides.items():
+        if prompt_class not in table or not isinstance(row, dict):
+            raise ValueError(
+                f"reward_table: unknown prompt class {prompt_class!r} (or its value is not a mapping)"
+            )
+        for completion_class, value in row.items():
+            if completion_class not in table[prompt_class]:
+                raise ValueError(
+                    f"reward_table[{prompt_class}]: {completion_class!r} cannot occur; "
+                    f"expected one of {sorted(table[prompt_class])}"
+                )
+            if not _is_number(value):
+                raise ValueError(f"reward_table[{prompt_class}][{completion_class}] must be a finite number")
+            table[prompt_class][completion_class] = float(value)
+    return table

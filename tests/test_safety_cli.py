@@ -1,0 +1,62 @@
+"""`rlhf safety classify`: the report, written predictions, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from safety_support import (  # noqa: E402
+    COMPLETIONS,
+    CONFIGS,
+    PROMPTS,
+)
+
+from rlhf.safety import (  # noqa: E402
+    COMPLETION_CLASSES,
+    cli,
+    read_labelled,
+)
+
+
+def test_cli_reports_metrics_and_writes_predictions(tmp_path, capsys):
+    out = tmp_path / "pred.jsonl"
+    assert (
+        cli(["classify", "--config", str(CONFIGS / "rules.yaml"), str(COMPLETIONS), "--out", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "precision" in printed and "confusion" in printed and "ideal_refusal" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(read_labelled(COMPLETIONS)[1])
+    assert all(r["predicted_label"] in COMPLETION_CLASSES for r in rows)
+
+
+@pytest.mark.parametrize(
+    "lines, line_no, message",
+    [
+        (['{"prompt": "hi", "category": "allowed"}', "{not json"], 2, "malformed JSON"),
+        (['{"prompt": "hi"}', "", '{"prompt": "x", "category": "harmful"}'], 3, "category must be one of"),
+        (['{"prompt": "hi", "completion": "ok"}', '{"prompt": "x"}'], 2, "mixes"),
+        (['{"prompt": 3}'], 1, "expected a string"),
+        (['["a list"]'], 1, "expected a JSON object"),
+        (['{"prompt": "p", "completion": "c", "label": "good"}'], 1, "label must be one of"),
+    ],
+)
+def test_cli_malformed_input_exits_2_with_path_line(tmp_path, capsys, lines, line_no, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    assert cli(["classify", "--config", str(CONFIGS / "rules.yaml"), str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:{line_no}:" in err and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("classifier: rules\ncolour: blue\n")
+    assert cli(["classify", "--config", str(config), str(PROMPTS)]) == 2
+    assert "colour" in capsys.readouterr().err
+    assert cli(["classify", str(PROMPTS)]) == 2  # --config is required

@@ -1,0 +1,151 @@
+"""Safety config parsing and validation, the labelled data sets and example files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from safety_support import (  # noqa: E402
+    COMPLETION_LABELS,
+    COMPLETIONS,
+    CONFIGS,
+    HELDOUT_COMPLETIONS,
+    HELDOUT_PROMPTS,
+    PROMPT_LABELS,
+    PROMPTS,
+    RUBRIC,
+    CountingEncoder,
+)
+
+from rlhf.safety import (  # noqa: E402
+    DEFAULT_REWARD_TABLE,
+    EmbeddingClassifier,
+    SafetyConfig,
+    load_examples,
+    load_rubric,
+    read_labelled,
+)
+
+
+def test_every_safety_config_parses():
+    load_rubric(RUBRIC)
+    configs = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "rubric.yaml")
+    assert {p.name for p in configs} >= {"rules.yaml", "embedding.yaml", "nli.yaml", "llm_judge.yaml"}
+    kinds = {SafetyConfig.from_yaml(p).classifier for p in configs}
+    assert kinds == {"rules", "embedding", "zero-shot-nli", "llm-judge"}
+    assert Path(SafetyConfig.from_yaml(CONFIGS / "rules.yaml").rubric_path) == RUBRIC
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("clasifier: rules\nbatchsize: 4\n")
+    with pytest.raises(ValueError, match="batchsize.*clasifier"):
+        SafetyConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"classifier": "regex"}, "classifier must be one of"),
+        ({"device": "gpu"}, "device"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"classifier": "zero-shot-nli"}, "needs model_name_or_path"),
+        ({"reward_table": {"allowed": {"disallowed_content": 1.0}}}, "cannot occur"),
+        ({"reward_table": {"harmful": {"compliance": 1.0}}}, "unknown prompt class"),
+        ({"reward_table": {"allowed": {"compliance": float("nan")}}}, "finite"),
+        ({"prompt_labels": {"allowed": "a", "disallowed": "b"}}, "missing classes"),
+        ({"hypothesis_template": "no slot"}, "hypothesis_template"),
+        ({"knn_k": -1}, "knn_k"),
+        ({"centroid_weight": 1.5}, "centroid_weight"),
+        ({"class_margins": {"harmful": 0.1}}, "unknown class"),
+        ({"class_margins": {"disallowed": float("inf")}}, "finite"),
+        ({"examples_path": 3}, "examples_path"),
+    ],
+)
+def test_config_validation(values, match):
+    with pytest.raises(ValueError, match=match):
+        SafetyConfig(**values)
+
+
+def test_partial_reward_table_merges_onto_defaults():
+    table = SafetyConfig(reward_table={"disallowed": {"undesired_refusal": 0.25}}).reward_table
+    assert table["disallowed"]["undesired_refusal"] == 0.25
+    assert table["disallowed"]["ideal_refusal"] == DEFAULT_REWARD_TABLE["disallowed"]["ideal_refusal"]
+    assert table["allowed"] == DEFAULT_REWARD_TABLE["allowed"]
+
+
+def test_labelled_sets_are_big_and_balanced():
+    _, prompts = read_labelled(PROMPTS)
+    _, completions = read_labelled(COMPLETIONS)
+    assert len(prompts) >= 120 and len(completions) >= 60
+    assert min(Counter(r["category"] for r in prompts).values()) >= 30
+    assert min(Counter(r["label"] for r in completions).values()) >= 12
+    assert len({r["prompt"] for r in prompts}) == len(prompts)
+
+
+def test_heldout_sets_parse_and_have_the_stated_counts():
+    """The frozen held-out set: 108 prompts (36 per class) and 50 completions, none from the labelled set."""
+    mode, prompts = read_labelled(HELDOUT_PROMPTS)
+    assert mode == "prompts"
+    counts = Counter(r["category"] for r in prompts)
+    assert counts == {"disallowed": 36, "sensitive": 36, "allowed": 36}
+    assert len({r["prompt"] for r in prompts}) == len(prompts) == 108
+    mode, completions = read_labelled(HELDOUT_COMPLETIONS)
+    assert mode == "completions" and len(completions) == 50
+    assert Counter(r["label"] for r in completions) == {
+        "ideal_refusal": 12,
+        "undesired_refusal": 12,
+        "disallowed_content": 10,
+        "compliance": 16,
+    }
+    held_prompts = {r["prompt"] for r in prompts}
+    assert all(r["prompt"] in held_prompts and r["category"] for r in completions)
+    for r in completions:  # the helping label agrees with the prompt class
+        if r["label"] in ("disallowed_content", "compliance"):
+            assert (r["label"] == "disallowed_content") == (r["category"] == "disallowed"), r
+    _, labelled = read_labelled(PROMPTS)
+    _, labelled_completions = read_labelled(COMPLETIONS)
+    assert not held_prompts & {r["prompt"] for r in labelled}
+    assert not {r["completion"] for r in completions} & {r["completion"] for r in labelled_completions}
+
+
+def test_examples_path_accepts_labelled_files(tmp_path):
+    """examples_path takes a list; labelled prompt and completion rows become examples of their class."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "how do I build a bomb", "category": "disallowed"}) + "\n")
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(
+        json.dumps(
+            {
+                "prompt": "q",
+                "category": "disallowed",
+                "completion": "Sure, step 1",
+                "label": "disallowed_content",
+            }
+        )
+        + "\n"
+    )
+    cfg_path = tmp_path / "emb.yaml"
+    cfg_path.write_text(
+        f"classifier: embedding\nexamples_path: [p.jsonl, c.jsonl]\nrubric_path: {RUBRIC}\nknn_k: 3\n"
+    )
+    cfg = SafetyConfig.from_yaml(cfg_path)
+    assert cfg.examples_paths == [str(prompts), str(completions)]
+
+    assert load_examples(str(prompts)) == {"disallowed": ["how do I build a bomb"]}
+    assert load_examples(str(completions)) == {"disallowed_content": ["Sure, step 1"]}
+    clf = EmbeddingClassifier(
+        None,
+        PROMPT_LABELS,
+        COMPLETION_LABELS,
+        {**load_examples(str(prompts)), **load_examples(str(completions))},
+        encoder=CountingEncoder(),
+    )
+    # A helping example is filed under the helping class the completion labels use.
+    assert "Sure, step 1" in clf._class_texts["completion"]["compliance"]
