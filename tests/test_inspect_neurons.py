@@ -88,7 +88,7 @@ def test_documents_from_text_demonstrations_and_prompts(tmp_path, tiny_tokenizer
         ],
     )
     documents = read_documents([str(path)])
-    assert documents[0] == "plain text here"
+    assert documents[0].text == "plain text here"
     from rlhf.inspect.neurons import render
 
     texts = [render(tiny_tokenizer, d) for d in documents]

@@ -60,35 +60,40 @@ def unit_key(name: str) -> tuple[str, int]:
 # Text in
 
 
-def read_documents(sources: list[str]) -> list[str | list[dict]]:
-    """Each row as a `text` string or a conversation (messages); bad rows and empty input are errors naming the file."""
-    from rlhf.data import (
-        DataError,
-        Problem,
-        RowError,
-        demonstration_from_row,
-        expand_sources,
-        prompt_from_row,
-        read_records,
-    )
+@dataclass
+class Document:
+    """A data row: plain text, a conversation, or a prompt (rendered with the generation prompt)."""
+
+    text: str | None = None
+    messages: list[dict] | None = None
+    prompt_only: bool = False
+
+
+def _document(row: dict) -> Document:
+    from rlhf.data import demonstration_from_row, prompt_from_row
+
+    if isinstance(row.get("text"), str):
+        return Document(text=row["text"])
+    messages = row.get("messages") if isinstance(row.get("messages"), list) else []
+    has_answer = any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+    if has_answer or "completion" in row or "output" in row:
+        return Document(messages=demonstration_from_row(row)["messages"])
+    return Document(messages=prompt_from_row(row)["prompt"], prompt_only=True)
+
+
+def read_documents(sources: list[str]) -> list[Document]:
+    """Every row of the data files; bad rows and empty input are errors naming the file (and line)."""
+    from rlhf.data import DataError, Problem, RowError, expand_sources, read_records
 
     problems: list[Problem] = []
-    documents: list[str | list[dict]] = []
+    documents: list[Document] = []
     files = expand_sources(sources)
     if not files:
         raise InspectError(f"{' '.join(sources)}: no data files found")
     for path in files:
         for record in read_records(path, problems):
-            row = record.row
             try:
-                if isinstance(row.get("text"), str):
-                    documents.append(row["text"])
-                elif any(
-                    m.get("role") == "assistant" for m in row.get("messages") or [] if isinstance(m, dict)
-                ) or ("completion" in row or "output" in row):
-                    documents.append(demonstration_from_row(row)["messages"])
-                else:
-                    documents.append(prompt_from_row(row)["prompt"] + [{"role": "assistant", "content": ""}])
+                documents.append(_document(record.row))
             except RowError as err:
                 problems.append(Problem(record.path, record.line, f"{err} (or a `text` string)"))
     if problems:
@@ -98,14 +103,14 @@ def read_documents(sources: list[str]) -> list[str | list[dict]]:
     return documents
 
 
-def render(tokenizer, document: str | list[dict]) -> str:
+def render(tokenizer, document: Document) -> str:
     from rlhf.data import render_conversation, render_prompt
 
-    if isinstance(document, str):
-        return document
-    if document[-1]["role"] == "assistant" and not document[-1]["content"]:
-        return render_prompt(tokenizer, document[:-1])
-    return render_conversation(tokenizer, document)
+    if document.text is not None:
+        return document.text
+    if document.prompt_only:
+        return render_prompt(tokenizer, document.messages)
+    return render_conversation(tokenizer, document.messages)
 
 
 def make_excerpts(tokenizer, texts: list[str], excerpt_tokens: int) -> list[list[int]]:
