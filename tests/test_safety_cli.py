@@ -60,3 +60,15 @@ def test_cli_bad_config_exits_2(tmp_path, capsys):
     assert cli(["classify", "--config", str(config), str(PROMPTS)]) == 2
     assert "colour" in capsys.readouterr().err
     assert cli(["classify", str(PROMPTS)]) == 2  # --config is required
+
+
+def test_cli_bad_rubric_exits_2_through_the_rlhf_command(tmp_path, capsys):
+    """The rubric is part of the config: a broken one stops `rlhf safety classify` with exit 2, no traceback."""
+    from rlhf.cli import main
+
+    (tmp_path / "rubric.yaml").write_text("descriptions: {}\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("classifier: rules\nrubric_path: rubric.yaml\n")
+    assert main(["safety", "classify", "--config", str(config), str(PROMPTS)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'rubric.yaml'}: unknown keys" in err and "Traceback" not in err

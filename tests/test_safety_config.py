@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +24,7 @@ from safety_support import (  # noqa: E402
     CountingEncoder,
 )
 
+from rlhf.config import ConfigError
 from rlhf.safety import (  # noqa: E402
     DEFAULT_REWARD_TABLE,
     EmbeddingClassifier,
@@ -45,8 +47,39 @@ def test_every_safety_config_parses():
 def test_unknown_config_keys_are_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("clasifier: rules\nbatchsize: 4\n")
-    with pytest.raises(ValueError, match="batchsize.*clasifier"):
+    with pytest.raises(ConfigError, match=f"{path}: unknown safety config keys: batchsize, clasifier"):
         SafetyConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (None, "cannot read"),
+        ("classifier: [rules\n", ":2: invalid YAML"),
+        ("- rules\n", "expected a mapping"),
+        ("classifier: rules\nbatch_size: 0\n", "batch_size must be a positive integer"),
+    ],
+)
+def test_config_file_problems_are_config_errors_naming_the_file(tmp_path, text, match):
+    """Missing file, broken YAML, wrong shape or a bad field: a ConfigError (exit 2), never a traceback."""
+    path = tmp_path / "safety.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as caught:
+        SafetyConfig.from_yaml(path)
+    assert str(path) in str(caught.value)
+
+
+def test_rubric_problems_are_config_errors_naming_the_file(tmp_path):
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(RUBRIC.read_text().replace("refusal_window_chars:", "refusal_window_charz:"))
+    with pytest.raises(ConfigError, match=f"{rubric}: completion: unknown keys.*refusal_window_charz"):
+        load_rubric(rubric)
+    doc = yaml.safe_load(RUBRIC.read_text())
+    doc["prompt"]["benign_idioms"] = ["(unclosed"]
+    rubric.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"prompt.benign_idioms: bad regex '\(unclosed'"):
+        load_rubric(rubric)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +102,7 @@ def test_unknown_config_keys_are_named(tmp_path):
     ],
 )
 def test_config_validation(values, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         SafetyConfig(**values)
 
 

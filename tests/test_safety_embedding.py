@@ -21,6 +21,7 @@ from safety_support import (  # noqa: E402
     minilm_path,
 )
 
+from rlhf.config import ConfigError
 from rlhf.safety import (  # noqa: E402
     EmbeddingClassifier,
     RewardSourceError,
@@ -131,11 +132,11 @@ def test_logistic_embedding_rule_learns_the_separating_direction():
     assert clf.classify_prompts(["so bad", "all ok"]) == ["disallowed", "allowed"]
     classes, scores = clf.scores(["so bad"], "prompt")
     assert np.allclose(np.exp(scores).sum(axis=1), 1.0)  # log-probabilities
-    with pytest.raises(ValueError, match="embedding_rule"):
+    with pytest.raises(ConfigError, match="embedding_rule"):
         SafetyConfig(classifier="embedding", embedding_rule="svm")
-    with pytest.raises(ValueError, match="logistic_l2"):
+    with pytest.raises(ConfigError, match="logistic_l2"):
         SafetyConfig(classifier="embedding", logistic_l2=0)
-    with pytest.raises(ValueError, match="lexical_weight needs"):
+    with pytest.raises(ConfigError, match="lexical_weight needs"):
         SafetyConfig(classifier="embedding", lexical_weight=1.0)
     lexical = EmbeddingClassifier(
         None,

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rlhf.config import ConfigError
 from rlhf.data import DataError
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES, SafetyConfig
@@ -77,12 +76,8 @@ def cli(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         config = SafetyConfig.from_yaml(args.config)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        print(f"error: {args.config}: {exc}", file=sys.stderr)
-        return 2
-    try:
         mode, rows = read_labelled(args.data)
-    except DataError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -90,17 +85,10 @@ def cli(argv: list[str]) -> int:
         return 2
     try:
         classifier = build_classifier(config)
-        prompts = [r["prompt"] for r in rows]
-        if mode == "prompts":
-            pred = call_checked(classifier, "classify_prompts", (prompts,), len(rows), PROMPT_CLASSES)
-            key, gold_key, classes = "predicted_category", "category", PROMPT_CLASSES
-        else:
-            completions = [r["completion"] for r in rows]
-            categories = [r.get("category") for r in rows]
-            prompt_classes, pred, _ = classify_pairs(classifier, prompts, completions, categories)
-            for row, pc in zip(rows, prompt_classes, strict=True):
-                row["prompt_class"] = pc
-            key, gold_key, classes = "predicted_label", "label", COMPLETION_CLASSES
+        key, gold_key, classes, pred = _classify(classifier, mode, rows)
+    except ConfigError as exc:  # the rubric, read before any model loads
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (RewardSourceError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -119,3 +107,17 @@ def cli(argv: list[str]) -> int:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         print(f"wrote {args.out}")
     return 0
+
+
+def _classify(classifier: Any, mode: str, rows: list[dict]) -> tuple[str, str, Sequence[str], list[str]]:
+    """(prediction column, gold column, classes, predictions) for prompt rows or (prompt, completion) rows."""
+    prompts = [r["prompt"] for r in rows]
+    if mode == "prompts":
+        pred = call_checked(classifier, "classify_prompts", (prompts,), len(rows), PROMPT_CLASSES)
+        return "predicted_category", "category", PROMPT_CLASSES, pred
+    completions = [r["completion"] for r in rows]
+    categories = [r.get("category") for r in rows]
+    prompt_classes, pred, _ = classify_pairs(classifier, prompts, completions, categories)
+    for row, pc in zip(rows, prompt_classes, strict=True):
+        row["prompt_class"] = pc
+    return "predicted_label", "label", COMPLETION_CLASSES, pred

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from rlhf.config import ConfigError
+
 PROMPT_CLASSES = ("allowed", "sensitive", "disallowed")
 COMPLETION_CLASSES = ("ideal_refusal", "undesired_refusal", "disallowed_content", "compliance")
 REFUSAL_CLASSES = ("ideal_refusal", "undesired_refusal")
@@ -115,48 +117,48 @@ class SafetyConfig:
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIER_KINDS:
-            raise ValueError(f"classifier must be one of {CLASSIFIER_KINDS}, got {self.classifier!r}")
+            raise ConfigError(f"classifier must be one of {CLASSIFIER_KINDS}, got {self.classifier!r}")
         if self.classifier in ("zero-shot-nli", "llm-judge") and not self.model_name_or_path:
-            raise ValueError(f"classifier {self.classifier!r} needs model_name_or_path")
+            raise ConfigError(f"classifier {self.classifier!r} needs model_name_or_path")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
-            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
+            raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
         if "{}" not in self.hypothesis_template:
-            raise ValueError(f"hypothesis_template must contain '{{}}', got {self.hypothesis_template!r}")
+            raise ConfigError(f"hypothesis_template must contain '{{}}', got {self.hypothesis_template!r}")
         _check_labels("prompt_labels", self.prompt_labels, PROMPT_CLASSES, PROMPT_CLASSES)
         _check_labels("completion_labels", self.completion_labels, COMPLETION_CLASSES, REFUSAL_CLASSES)
         for label, texts in self.examples.items():
             if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
-                raise ValueError(f"examples: unknown class {label!r}")
+                raise ConfigError(f"examples: unknown class {label!r}")
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"examples[{label!r}] must be a list of strings")
+                raise ConfigError(f"examples[{label!r}] must be a list of strings")
         if isinstance(self.knn_k, bool) or not isinstance(self.knn_k, int) or self.knn_k < 0:
-            raise ValueError(f"knn_k must be a non-negative integer, got {self.knn_k!r}")
+            raise ConfigError(f"knn_k must be a non-negative integer, got {self.knn_k!r}")
         if not (_is_number(self.centroid_weight) and 0.0 <= self.centroid_weight <= 1.0):
-            raise ValueError(f"centroid_weight must be a number in [0, 1], got {self.centroid_weight!r}")
+            raise ConfigError(f"centroid_weight must be a number in [0, 1], got {self.centroid_weight!r}")
         if not isinstance(self.center_embeddings, bool):
-            raise ValueError(f"center_embeddings must be true or false, got {self.center_embeddings!r}")
+            raise ConfigError(f"center_embeddings must be true or false, got {self.center_embeddings!r}")
         if self.embedding_rule not in EMBEDDING_RULES:
-            raise ValueError(f"embedding_rule must be one of {EMBEDDING_RULES}, got {self.embedding_rule!r}")
+            raise ConfigError(f"embedding_rule must be one of {EMBEDDING_RULES}, got {self.embedding_rule!r}")
         if not (_is_number(self.logistic_l2) and self.logistic_l2 > 0):
-            raise ValueError(f"logistic_l2 must be a positive number, got {self.logistic_l2!r}")
+            raise ConfigError(f"logistic_l2 must be a positive number, got {self.logistic_l2!r}")
         if not (_is_number(self.lexical_weight) and self.lexical_weight >= 0):
-            raise ValueError(f"lexical_weight must be a non-negative number, got {self.lexical_weight!r}")
+            raise ConfigError(f"lexical_weight must be a non-negative number, got {self.lexical_weight!r}")
         if self.lexical_weight and self.embedding_rule != "logistic":
-            raise ValueError("lexical_weight needs embedding_rule: logistic")
+            raise ConfigError("lexical_weight needs embedding_rule: logistic")
         if not isinstance(self.class_margins, dict):
-            raise ValueError("class_margins must map class names to numbers")
+            raise ConfigError("class_margins must map class names to numbers")
         for label, value in self.class_margins.items():
             if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
-                raise ValueError(f"class_margins: unknown class {label!r}")
+                raise ConfigError(f"class_margins: unknown class {label!r}")
             if not _is_number(value):
-                raise ValueError(f"class_margins[{label!r}] must be a finite number")
+                raise ConfigError(f"class_margins[{label!r}] must be a finite number")
         if self.examples_path is not None and not (
             isinstance(self.examples_path, str)
             or (isinstance(self.examples_path, list) and all(isinstance(p, str) for p in self.examples_path))
         ):
-            raise ValueError("examples_path must be a path or a list of paths")
+            raise ConfigError("examples_path must be a path or a list of paths")
         self.reward_table = _merge_reward_table(self.reward_table)
 
     @property
@@ -171,7 +173,7 @@ class SafetyConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown safety config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown safety config keys: {', '.join(unknown)}")
         values = dict(values)
         if base_dir is not None:
 
@@ -189,11 +191,26 @@ class SafetyConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SafetyConfig:
+        """Read and validate a safety config YAML; any problem is a `ConfigError` naming the file."""
         path = Path(path)
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(values, base_dir=path.parent)
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(values, base_dir=path.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """`yaml.safe_load` of a config file; an unreadable file or invalid YAML is a `ConfigError` with PATH:LINE."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML ({err})") from None
 
 
 def _is_number(value: Any) -> bool:
@@ -205,33 +222,33 @@ def _check_labels(name: str, labels: dict | None, allowed: Sequence[str], requir
     if labels is None:
         return
     if not isinstance(labels, dict) or not all(isinstance(v, str) and v for v in labels.values()):
-        raise ValueError(f"{name} must map class names to non-empty strings")
+        raise ConfigError(f"{name} must map class names to non-empty strings")
     unknown = sorted(set(labels) - set(allowed))
     missing = sorted(set(required) - set(labels))
     if unknown or missing:
-        raise ValueError(f"{name}: unknown classes {unknown}, missing classes {missing}")
+        raise ConfigError(f"{name}: unknown classes {unknown}, missing classes {missing}")
     if name == "completion_labels" and not set(labels) & set(HELP_CLASSES):
-        raise ValueError("completion_labels needs a helping class (compliance or disallowed_content)")
+        raise ConfigError("completion_labels needs a helping class (compliance or disallowed_content)")
     if len(set(labels.values())) != len(labels):
-        raise ValueError(f"{name}: label texts must be distinct")
+        raise ConfigError(f"{name}: label texts must be distinct")
 
 
 def _merge_reward_table(overrides: dict) -> dict[str, dict[str, float]]:
     table = {p: dict(row) for p, row in DEFAULT_REWARD_TABLE.items()}
     if not isinstance(overrides, dict):
-        raise ValueError("reward_table must be a mapping prompt class -> {completion class: reward}")
+        raise ConfigError("reward_table must be a mapping prompt class -> {completion class: reward}")
     for prompt_class, row in overrides.items():
         if prompt_class not in table or not isinstance(row, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"reward_table: unknown prompt class {prompt_class!r} (or its value is not a mapping)"
             )
         for completion_class, value in row.items():
             if completion_class not in table[prompt_class]:
-                raise ValueError(
+                raise ConfigError(
                     f"reward_table[{prompt_class}]: {completion_class!r} cannot occur; "
                     f"expected one of {sorted(table[prompt_class])}"
                 )
             if not _is_number(value):
-                raise ValueError(f"reward_table[{prompt_class}][{completion_class}] must be a finite number")
+                raise ConfigError(f"reward_table[{prompt_class}][{completion_class}] must be a finite number")
             table[prompt_class][completion_class] = float(value)
     return table

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES
+from rlhf.config import ConfigError
+from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES, read_yaml
 
 
 @dataclass
@@ -43,22 +42,22 @@ class Rubric:
 
 def _keys(where: str, node: Any, required: set[str], optional: set[str] = frozenset()) -> dict:
     if not isinstance(node, dict):
-        raise ValueError(f"{where}: expected a mapping")
+        raise ConfigError(f"{where}: expected a mapping")
     unknown, missing = set(node) - required - optional, required - set(node)
     if unknown or missing:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     return node
 
 
 def _compile(where: str, patterns: Any) -> list[re.Pattern]:
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"{where}: expected a list of regex strings")
+        raise ConfigError(f"{where}: expected a list of regex strings")
     compiled = []
     for pattern in patterns:
         try:
             compiled.append(re.compile(pattern, re.IGNORECASE))
         except re.error as exc:
-            raise ValueError(f"{where}: bad regex {pattern!r}: {exc}") from exc
+            raise ConfigError(f"{where}: bad regex {pattern!r}: {exc}") from exc
     return compiled
 
 
@@ -67,7 +66,7 @@ def load_rubric(path: str | Path) -> Rubric:
     path = Path(path)
     doc = _keys(
         str(path),
-        yaml.safe_load(path.read_text()),
+        read_yaml(path),
         {"descriptions", "judge", "prompt", "completion"},
         {"shared"},
     )
@@ -77,7 +76,7 @@ def load_rubric(path: str | Path) -> Rubric:
     judge = _keys(f"{path}: judge", doc["judge"], {"prompt_question", "completion_question"})
     prompt = _keys(f"{path}: prompt", doc["prompt"], {"order", "default", "benign_idioms", "classes"})
     if not set(prompt["order"]) | {prompt["default"]} <= set(PROMPT_CLASSES):
-        raise ValueError(f"{path}: prompt.order / prompt.default must name prompt classes {PROMPT_CLASSES}")
+        raise ConfigError(f"{path}: prompt.order / prompt.default must name prompt classes {PROMPT_CLASSES}")
     classes = _keys(f"{path}: prompt.classes", prompt["classes"], set(prompt["order"]), set(PROMPT_CLASSES))
     prompt_rules = {}
     for cls in prompt["order"]:
