@@ -105,18 +105,20 @@ def stage_config(stage: str, argv: list[str]):
 IGNORED_FOR_SKIP = {"resume_from_checkpoint"}
 
 
-def is_done(stage: str, output_dir: str, argv: list[str]) -> bool:
-    """Complete manifest, files verify, and the recorded config is the one we would run now."""
+def finished_manifest(stage: str, output_dir: str, argv: list[str]) -> dict[str, Any] | None:
+    """The stage's manifest if it is complete, its files verify and its recorded config is the one we would run
+    now; None when the stage must run."""
     try:
         manifest = read_manifest(output_dir, stage)
     except HandoffError:
-        return False
+        return None
     wanted = json.loads(json.dumps(config_to_dict(stage_config(stage, argv))))
     recorded = manifest.get("config", {})
     differs = [k for k in wanted if k not in IGNORED_FOR_SKIP and wanted[k] != recorded.get(k)]
     if differs:
         log.warning("%s: config changed (%s): running again", stage, ", ".join(differs[:5]))
-    return not differs
+        return None
+    return manifest
 
 
 def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
@@ -151,8 +153,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         argv = stage_argv(config, stage)
         output_dir = str(out / stage)
         start = time.time()
-        if is_done(stage, output_dir, argv):
-            wall = read_manifest(output_dir, stage)["metrics"].get("wall_seconds")
+        manifest = finished_manifest(stage, output_dir, argv)
+        if manifest is not None:
+            wall = manifest["metrics"].get("wall_seconds")
             print(f"[pipeline] {stage:<7} skipped (complete: {output_dir}, {wall}s when it ran)", flush=True)
             stages[stage] = {"wall_seconds": wall, "skipped": True}
             continue
@@ -162,11 +165,29 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         stages[stage] = {"wall_seconds": wall, "skipped": False}
         print(f"[pipeline] {stage:<7} done in {wall}s -> {output_dir}", flush=True)
     start = time.time()
+    results = evaluate_run(config)
+    print(f"[pipeline] eval    done in {time.time() - start:.1f}s", flush=True)
     from rlhf.report import write_report
 
-    report = write_report(config, stages)
-    print(f"[pipeline] eval    done in {time.time() - start:.1f}s -> {out / 'report.md'}", flush=True)
+    report = write_report(config, stages, results)
+    print(f"[pipeline] report  -> {out / 'report.md'}", flush=True)
     return report
+
+
+def evaluate_run(config: PipelineConfig) -> dict[str, Any]:
+    """The PPO policy against its SFT reference on the held-out prompts (`rlhf.evaluation.evaluate`)."""
+    from rlhf.evaluation import EvalSettings, evaluate
+
+    out = Path(config.output_dir)
+    return evaluate(
+        policy_path=str(out / "ppo"),
+        prompts_path=config.eval_prompts,
+        reference_path=str(out / "sft"),
+        reward_path=str(out / "reward"),
+        gold=config.gold_judge or None,
+        safety_config=config.safety_config or None,
+        settings=EvalSettings(max_new_tokens=config.eval_max_new_tokens, seed=config.seed),
+    )
 
 
 def cli(argv: list[str] | None = None) -> int:

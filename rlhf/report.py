@@ -148,19 +148,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(config, stages: dict[str, Any]) -> dict[str, Any]:
-    from rlhf.evaluation import EvalSettings, evaluate
-
+def write_report(config, stages: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """report.json, report.md and the plots from the stages' timings and the evaluation's `results`."""
     out = Path(config.output_dir)
-    results = evaluate(
-        policy_path=str(out / "ppo"),
-        prompts_path=config.eval_prompts,
-        reference_path=str(out / "sft"),
-        reward_path=str(out / "reward"),
-        gold=config.gold_judge or None,
-        safety_config=config.safety_config or None,
-        settings=EvalSettings(max_new_tokens=config.eval_max_new_tokens, seed=config.seed),
-    )
     sft, ppo = results["reference"], results["policy"]
     report = {
         "stages": stages,

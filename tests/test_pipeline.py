@@ -18,7 +18,7 @@ def head(source: Path, target: Path, n: int) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, capsys):
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, capsys, monkeypatch):
     demo = REPO / "data" / "demo"
     sft_data = head(demo / "sft.jsonl", tmp_path / "sft.jsonl", 64)
     pairs = head(demo / "rankings.jsonl", tmp_path / "rankings.jsonl", 32)
@@ -60,7 +60,22 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
         "8",
     ]
     config = parse_config(PipelineConfig, argv)
+    import rlhf.evaluation
+    import rlhf.pipeline
+
+    calls = {"evaluate": 0, "read_manifest": 0}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(rlhf.evaluation, "evaluate", counted("evaluate", rlhf.evaluation.evaluate))
+    monkeypatch.setattr(rlhf.pipeline, "read_manifest", counted("read_manifest", rlhf.pipeline.read_manifest))
     report = run(config)
+    assert calls["evaluate"] == 1  # evaluated once; the report is written from that result
     first = capsys.readouterr().out
     assert [f"[pipeline] {s}" in first and "done in" in first for s in ("sft", "reward", "ppo")] == [True] * 3
     for stage in ("sft", "reward", "ppo"):
@@ -71,6 +86,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
         assert key in saved["eval"]["sft"] and key in saved["eval"]["ppo"]
     assert (tmp_path / "run" / "training_curves.png").exists() and (tmp_path / "run" / "report.md").exists()
 
+    calls["read_manifest"] = 0
     run(config)
     second = capsys.readouterr().out
     assert second.count("skipped (complete") == 3
+    assert calls["read_manifest"] == 3  # each finished stage's manifest read (and its files hashed) once
