@@ -223,16 +223,20 @@ def total_effects(
     """
     inputs: dict[str, torch.Tensor] = {}
 
-    def leaf(key: str):
+    def keep(key: str):
         def hook(_module, args):
-            # A fresh leaf per unit module: its gradient is the total derivative through everything downstream.
-            inputs[key] = args[0].detach().requires_grad_(True)
-            return (inputs[key], *args[1:])
+            x = args[0]
+            if not x.requires_grad:
+                # Frozen weights upstream: start the graph here. Never detach an input that is already in the
+                # graph, or every later unit would cut the paths of the earlier ones through it.
+                x = x.detach().requires_grad_(True)
+            inputs[key] = x
+            return (x, *args[1:])
 
         return hook
 
     modules = unit_inputs(parts)
-    handles = [module.register_forward_pre_hook(leaf(key)) for key, module in modules.items()]
+    handles = [module.register_forward_pre_hook(keep(key)) for key, module in modules.items()]
     try:
         with torch.enable_grad():
             logits = model(ids).logits[0, -1]
