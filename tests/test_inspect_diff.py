@@ -148,4 +148,5 @@ def test_report_summary_links_the_page_and_names_each_category_top_neuron(
     summary = report_summary(tiny_model_dir, after_dir, str(prompts), tmp_path / "inspect", per_category=1)
     assert summary["page"] == "inspect/diff.html" and (tmp_path / summary["page"]).exists()
     assert set(summary["top"]) == {"allowed", "disallowed", ALL}
-    assert summary["top"]["disallowed"]["unit"] == f"L{CHANGED_LAYER}.N{CHANGED_NEURON}"
+    assert summary["top"]["disallowed"]["neuron"]["unit"] == f"L{CHANGED_LAYER}.N{CHANGED_NEURON}"
+    assert summary["top"]["disallowed"]["head"]["unit"].startswith("L")

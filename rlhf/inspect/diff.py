@@ -426,8 +426,8 @@ def page(result: dict, explained: dict, models, tokenizer, sequences: Sequences)
 def report_summary(before: str, after: str, prompts: str, out: Path, per_category: int) -> dict[str, Any]:
     """`diff` on the first `per_category` prompts of each category, for a pipeline report to link.
 
-    Returns the page's path relative to `out`'s parent and, per category, the neuron whose direct effect on the
-    answers changed most, with its explanation and score in the PPO model.
+    Returns the page's path relative to `out`'s parent and, per category, the neuron and the head whose direct
+    effect on the answers changed most, with their explanations and scores.
     """
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -437,5 +437,8 @@ def report_summary(before: str, after: str, prompts: str, out: Path, per_categor
     return {
         "page": f"{Path(out).name}/diff.html",
         "per_category": per_category,
-        "top": {c: ranked["neurons_by_effect"][0] for c, ranked in result["categories"].items()},
+        "top": {
+            category: {"neuron": ranked["neurons_by_effect"][0], "head": ranked["heads_by_effect"][0]}
+            for category, ranked in result["categories"].items()
+        },
     }
