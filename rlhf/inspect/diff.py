@@ -229,10 +229,10 @@ def rank(totals: dict[str, Totals], top: int) -> dict[str, dict[str, Any]]:
         }
         for kind, letter in (("neurons", ".N"), ("heads", ".H")):
             mine = [r for r in rows if letter in r["unit"]]
-            ranked[category][f"{kind}_by_effect"] = sorted(mine, key=lambda r: -abs(r["effect_change"]))[:top]
-            ranked[category][f"{kind}_by_activation"] = sorted(mine, key=lambda r: -r["activation_change"])[
-                :top
-            ]
+            by_effect = sorted(mine, key=lambda r: -abs(r["effect_change"]))
+            by_activation = sorted(mine, key=lambda r: -r["activation_change"])
+            ranked[category][f"{kind}_by_effect"] = by_effect[:top]
+            ranked[category][f"{kind}_by_activation"] = by_activation[:top]
     return ranked
 
 
