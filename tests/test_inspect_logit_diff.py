@@ -16,10 +16,13 @@ from rlhf.inspect.logit_diff import (
     ablation_effect,
     attribute,
     encode_prompt,
+    greedy_units,
     logit_diff,
     parse_unit,
     ranking_check,
     single_token,
+    smallest_units,
+    top_units,
     total_effects,
     unit_means,
 )
@@ -98,9 +101,14 @@ def test_planted_units_rank_on_top_and_their_ablation_removes_the_difference(mod
     result = attribute(model, parts, ids, target, distractor)
     result["total"] = total_effects(model, parts, ids, target, distractor)
     for scores in (result["units"], result["total"]):
-        top5 = sorted(scores, key=scores.get, reverse=True)[:5]
-        assert set(top5) == set(planted)
-        check = ranking_check(model, parts, ids, scores, result, None, target, distractor)
+        assert set(top_units(scores, 1.0)) == set(planted)
+    # Greedy re-estimation may prefer an upstream unit that feeds a planted neuron (it is worth more, amplified
+    # by the plant): the set may differ, what it removes may not.
+    greedy = greedy_units(model, parts, ids, target, distractor)
+    for top, scores in ((top_units(result["units"], 1.0), result["units"]), (greedy, result["total"])):
+        check = ranking_check(
+            model, parts, ids, top, smallest_units(scores), result, None, target, distractor
+        )
         assert check["top"]["fraction_removed"] >= 0.5
         assert abs(check["smallest"]["fraction_removed"]) < 0.5
 
