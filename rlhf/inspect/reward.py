@@ -279,6 +279,9 @@ def summarise(rows: list[dict]) -> dict:
         summary["mean_marked_share_where_present"] = _mean(
             [r["positive_share"]["marked"] or 0.0 for r in with_mark]
         )
+        summary["marked_largest_where_present"] = sum(
+            max(groups, key=lambda g: r["positive_share"][g] or 0.0) == "marked" for r in with_mark
+        )
         summary["top_token_marked"] = sum(
             r["marked"][max(range(len(r["ig"])), key=r["ig"].__getitem__)] for r in rows
         )
