@@ -50,6 +50,13 @@ def test_integrated_gradients_add_up_and_agree_with_leave_one_out(reward_model):
     assert abs(change) > 0.1
     assert abs(result["completeness_gap"]) < 0.01 * abs(change)
     assert result["ig_loo_correlation"] > 0.8
+    # Kept positions (the template's special tokens) are the same in input and baseline: attribution 0, and the
+    # rest still adds up to the (now different) score change.
+    keep = [True] + [False] * (len(ids) - 2) + [True]
+    kept = attribute_answer(model, ids, baseline_embedding(model, "mean", tokenizer.pad_token_id), 64, keep)
+    assert kept["ig"][0] == kept["ig"][-1] == kept["loo"][0] == kept["loo"][-1] == 0.0
+    assert kept["baseline_score"] != pytest.approx(result["baseline_score"])
+    assert abs(kept["completeness_gap"]) < 0.01 * abs(kept["score"] - kept["baseline_score"])
 
 
 def test_attributions_on_a_linear_model_are_exact():

@@ -5,8 +5,9 @@
 
 FILE holds `prompt` + `response` (or `responses`) rows, as for `rlhf reward score`. Each answer is rendered
 the way the reward model reads it (`rlhf.rewards.reward_text`) and scored at its last token. Integrated
-gradients (Sundararajan et al., 2017) walk the embeddings from a baseline (every position holding the
-vocabulary's mean embedding, or with `--baseline pad` the pad token's) to the input; a token's attribution is
+gradients (Sundararajan et al., 2017) walk the embeddings from a baseline (the same conversation with every
+token but the special ones replaced by the vocabulary's mean embedding, or with `--baseline pad` the pad
+token's) to the input; a token's attribution is
 (x - x') . (mean gradient along the path), summed over the embedding dimension. They add up to score(x) -
 score(baseline) up to the quadrature error, reported as the completeness gap. Leave-one-out puts the baseline
 embedding at one position at a time and reports the score drop; the two should agree in sign and order.
@@ -75,10 +76,22 @@ def baseline_embedding(model: nn.Module, kind: str, pad_id: int) -> torch.Tensor
     return weight.mean(0) if kind == "mean" else weight[pad_id]
 
 
-def attribute_answer(model: nn.Module, ids: list[int], baseline_vector: torch.Tensor, steps: int) -> dict:
-    """IG and leave-one-out attributions of one token sequence, with the completeness check."""
+def attribute_answer(
+    model: nn.Module,
+    ids: list[int],
+    baseline_vector: torch.Tensor,
+    steps: int,
+    keep: list[bool] | None = None,
+) -> dict:
+    """IG and leave-one-out attributions of one token sequence, with the completeness check.
+
+    Positions in `keep` (the special tokens of the chat template) hold their own embedding in the baseline too:
+    the baseline is the same conversation with its words blanked, and those positions get attribution 0. The
+    score is read at the final end-of-turn token, so blanking it would hand that one token most of the score.
+    """
     embeds = model.get_input_embeddings()(torch.tensor(ids)).detach()
-    baseline = baseline_vector.expand_as(embeds)
+    kept = torch.tensor(keep if keep is not None else [False] * len(ids))
+    baseline = torch.where(kept[:, None], embeds, baseline_vector.expand_as(embeds))
     ig = integrated_gradients(model, embeds, baseline, steps)
     loo = leave_one_out(model, embeds, baseline)
     with torch.no_grad():
@@ -89,7 +102,7 @@ def attribute_answer(model: nn.Module, ids: list[int], baseline_vector: torch.Te
         "ig": ig.tolist(),
         "loo": loo.tolist(),
         "completeness_gap": float(ig.sum()) - (score - base_score),
-        "ig_loo_correlation": _correlation(ig, loo),
+        "ig_loo_correlation": _correlation(ig[~kept], loo[~kept]),
     }
 
 
@@ -222,7 +235,8 @@ def _explain(
     start = text.rfind(answer.strip())
     in_answer = [start >= 0 and s >= start for s, _ in offsets]
     marked = marked_tokens(offsets, text, start, pattern) if pattern and start >= 0 else [False] * len(ids)
-    result = attribute_answer(model, ids, baseline, steps)
+    special = set(tokenizer.all_special_ids)
+    result = attribute_answer(model, ids, baseline, steps, keep=[i in special for i in ids])
     ig = result["ig"]
     groups = {
         "marked": marked,
