@@ -7,11 +7,10 @@ FILE holds `prompt` + `response` (or `responses`) rows, as for `rlhf reward scor
 the way the reward model reads it (`rlhf.rewards.reward_text`) and scored at its last token. Integrated
 gradients (Sundararajan et al., 2017) walk the embeddings from a baseline (the same conversation with every
 token but the special ones replaced by the vocabulary's mean embedding, or with `--baseline pad` the pad
-token's) to the input; a token's attribution is
-(x - x') . (mean gradient along the path), summed over the embedding dimension. They add up to score(x) -
-score(baseline) up to the quadrature error, reported as the completeness gap. Leave-one-out puts the baseline
-embedding at one position at a time and reports the score drop; the two should agree in sign and order.
-Scores are raw (before the manifest's normalisation).
+token's) to the input; a token's attribution is (x - x') . (mean gradient along the path), summed over the
+embedding dimension. They add up to score(x) - score(baseline) up to the quadrature error, reported as the
+completeness gap. Leave-one-out puts the baseline embedding at one position at a time and reports the score
+drop; the two should agree in sign and order. Scores are raw (before the manifest's normalisation).
 
 `--mark REGEX` names a span of the answers (e.g. a refusal) and reports the share of the positive attribution
 its tokens carry.
