@@ -234,3 +234,23 @@ def test_llm_simulator_reads_the_expected_number_at_every_token(tiny_tokenizer):
     predicted = simulator("plus signs", [tokens, tokens[:2]])
     assert [len(p) for p in predicted] == [4, 2]
     assert all(p == pytest.approx(7.0, abs=1e-3) for row in predicted for p in row)
+
+
+def test_explain_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from test_inspect_neurons import DigitTokenizer, tiny
+
+    from rlhf.inspect.neurons import record
+
+    record(tiny("llama"), DigitTokenizer(), [[1, 2, 3, 4], [5, 6, 7]], top_k=1, n_random=1).save(
+        tmp_path / "rec"
+    )
+    for argv, expected in (
+        (["--neurons", str(tmp_path / "missing")], "not a neuron recording"),
+        (["--neurons", str(tmp_path / "rec"), "--units", "L9.N0"], "L9.N0 is not in the recording"),
+        (["--neurons", str(tmp_path / "rec"), "--units", "mlp.0.1"], "expected L<layer>.N<neuron>"),
+        (["--neurons", str(tmp_path / "rec"), "--explainer", "llm"], "needs --explainer-model"),
+    ):
+        capsys.readouterr()
+        assert main(["inspect", "explain", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and expected in err
