@@ -23,29 +23,18 @@ def tiny(kind: str):
     import transformers as tf
 
     v, h, n, a, i = SIZES.values()
-    if kind == "llama":
-        config = tf.LlamaConfig(
-            vocab_size=v,
-            hidden_size=h,
-            num_hidden_layers=n,
-            num_attention_heads=a,
-            num_key_value_heads=2,
-            intermediate_size=i,
-        )
-        model = tf.LlamaForCausalLM(config)
-    elif kind == "qwen2":
-        config = tf.Qwen2Config(
-            vocab_size=v,
-            hidden_size=h,
-            num_hidden_layers=n,
-            num_attention_heads=a,
-            num_key_value_heads=2,
-            intermediate_size=i,
-        )
-        model = tf.Qwen2ForCausalLM(config)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=v, n_embd=h, n_layer=n, n_head=a, n_inner=i))
     else:
-        config = tf.GPT2Config(vocab_size=v, n_embd=h, n_layer=n, n_head=a, n_inner=i)
-        model = tf.GPT2LMHeadModel(config)
+        # Grouped-query attention (2 key/value heads for 4 query heads) in both.
+        sizes = dict(
+            vocab_size=v, hidden_size=h, num_hidden_layers=n, num_attention_heads=a, intermediate_size=i
+        )
+        config_class, model_class = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        }[kind]
+        model = model_class(config_class(**sizes, num_key_value_heads=2))
     torch.manual_seed(0)
     for p in model.parameters():
         # Non-trivial norm weights and biases, so the checks below cannot pass on default ones/zeros.
