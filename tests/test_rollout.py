@@ -1,6 +1,6 @@
 """The padding-free forward passes of rlhf.rollout against the plain padded forward (the oracle, written here).
 
-Tiny random models built in the test (no hub, no files): Llama and Qwen2 for the packed path, GPT-2 for a family
+Tiny random models built in the test (no hub, no files): Llama, Qwen2 and Qwen3 for the packed path, GPT-2 for a family
 that is not packed (it falls back to trimmed padding). Prompts are left-padded and answers right-padded to
 different lengths, as a rollout lays them out.
 """
@@ -17,6 +17,8 @@ from transformers import (
     LlamaForSequenceClassification,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from rlhf.losses import ppo_policy_loss, ppo_value_loss
@@ -33,6 +35,8 @@ def tiny(family: str, seed: int = 0):
     llama = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     if family == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **llama, **size)).eval()
+    if family == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(num_key_value_heads=2, head_dim=8, **llama, **size)).eval()
     return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **llama, **size)).eval()
 
 
@@ -86,7 +90,7 @@ def padded_oracle(policy, value_model, batch: Rollout) -> tuple[torch.Tensor, to
     return logprobs, values
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_packed_forward_equals_the_padded_one_and_reads_only_real_tokens(family) -> None:
     policy, batch = tiny(family), rollout(*BATCH)
     value_model = tiny_value()
