@@ -29,6 +29,10 @@ from rlhf.inspect import InspectError
 from rlhf.inspect.html import heading, paragraph, table, tokens_html, write_json, write_page
 
 
+GROUPS = ("marked", "rest of answer", "prompt and template")
+"""Where a token sits: in the --mark span of the answer, elsewhere in the answer, or in the prompt/template."""
+
+
 def _score(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     """Scores [batch] of unpadded sequences [batch, seq, hidden], read at the last token."""
     return model(inputs_embeds=embeds).logits[:, 0].float()
@@ -236,15 +240,7 @@ def _explain(
     marked = marked_tokens(offsets, text, start, pattern) if pattern and start >= 0 else [False] * len(ids)
     special = set(tokenizer.all_special_ids)
     result = attribute_answer(model, ids, baseline, steps, keep=[i in special for i in ids])
-    ig = result["ig"]
-    groups = {
-        "marked": marked,
-        "rest of answer": [a and not m for a, m in zip(in_answer, marked, strict=True)],
-        "prompt and template": [not a for a in in_answer],
-    }
-    if pattern is None:
-        del groups["marked"]
-    return {
+    explained = {
         "prompt": prompt[-1]["content"],
         "response": answer,
         "category": row.get("category"),
@@ -252,8 +248,10 @@ def _explain(
         "in_answer": in_answer,
         "marked": marked,
         **result,
-        "positive_share": {name: positive_share(ig, chosen) for name, chosen in groups.items()},
     }
+    groups = GROUPS if pattern is not None else GROUPS[1:]
+    explained["positive_share"] = {g: positive_share(result["ig"], _group_mask(explained, g)) for g in groups}
+    return explained
 
 
 def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
@@ -284,6 +282,10 @@ def summarise(rows: list[dict]) -> dict:
         "mean_ig_loo_correlation": _mean(correlations),
         "mean_positive_share": {g: _mean(v) for g, v in shares.items()},
         "largest_share_count": {g: largest.count(g) for g in groups},
+        # Shares grow with a group's length; the mean per token does not.
+        "mean_attribution_per_token": {
+            g: _mean([_per_token(r, g) for r in rows if _per_token(r, g) is not None]) for g in groups
+        },
     }
     if "marked" in groups:
         # Answers with a marked span only: the share is 0 by construction where nothing matched.
@@ -299,6 +301,20 @@ def summarise(rows: list[dict]) -> dict:
             r["marked"][max(range(len(r["ig"])), key=r["ig"].__getitem__)] for r in rows
         )
     return summary
+
+
+def _per_token(row: dict, group: str) -> float | None:
+    chosen = _group_mask(row, group)
+    values = [v for v, c in zip(row["ig"], chosen, strict=True) if c]
+    return sum(values) / len(values) if values else None
+
+
+def _group_mask(row: dict, group: str) -> list[bool]:
+    if group == "marked":
+        return row["marked"]
+    if group == "rest of answer":
+        return [a and not m for a, m in zip(row["in_answer"], row["marked"], strict=True)]
+    return [not a for a in row["in_answer"]]
 
 
 def _mean(values: list[float]) -> float | None:
