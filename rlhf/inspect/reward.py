@@ -28,7 +28,6 @@ from torch import nn
 from rlhf.inspect import InspectError
 from rlhf.inspect.html import heading, paragraph, table, tokens_html, write_json, write_page
 
-
 GROUPS = ("marked", "rest of answer", "prompt and template")
 """Where a token sits: in the --mark span of the answer, elsewhere in the answer, or in the prompt/template."""
 
