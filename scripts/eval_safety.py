@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 from rlhf.safety import (
     COMPLETION_CLASSES,
@@ -77,14 +78,12 @@ class CachedEncoder:
 
 
 def stratified_folds(labels: list[str], k: int, seed: int) -> list[int]:
-    """Fold index per row: each class shuffled (seeded) and dealt round-robin over k folds."""
-    rng = np.random.default_rng(seed)
+    """Fold index per row from scikit-learn's shuffled (seeded) StratifiedKFold: each class spread over k folds."""
     folds = [0] * len(labels)
-    for c in sorted(set(labels)):
-        idx = [i for i, label in enumerate(labels) if label == c]
-        rng.shuffle(idx)
-        for j, i in enumerate(idx):
-            folds[i] = j % k
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        for i in test:
+            folds[i] = fold
     return folds
 
 

@@ -15,8 +15,9 @@ from safety_support import (  # noqa: E402
     PROMPTS,
 )
 
-from rlhf.safety import (  # noqa: E402
+from rlhf.safety import (
     COMPLETION_CLASSES,
+    classification_report,  # noqa: E402
     cli,
     read_labelled,
 )
@@ -72,3 +73,28 @@ def test_cli_bad_rubric_exits_2_through_the_rlhf_command(tmp_path, capsys):
     assert main(["safety", "classify", "--config", str(config), str(PROMPTS)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'rubric.yaml'}: unknown keys" in err and "Traceback" not in err
+
+
+def test_classification_report_counts_by_hand():
+    """Per-class figures and the confusion table, counted by hand; a never-predicted class has no precision."""
+    gold = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "a", "b", "b", "a", "b"]
+    report = classification_report(gold, pred, ["a", "b", "c"])
+    assert report["n"] == 6 and report["accuracy"] == pytest.approx(3 / 6)
+    assert report["per_class"]["a"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": pytest.approx(2 / 3),
+        "support": 3,
+    }
+    assert report["per_class"]["b"] == {
+        "precision": pytest.approx(1 / 3),
+        "recall": pytest.approx(1 / 2),
+        "support": 2,
+    }
+    assert report["per_class"]["c"] == {"precision": None, "recall": 0.0, "support": 1}
+    assert report["confusion"] == {
+        "a": {"a": 2, "b": 1, "c": 0},
+        "b": {"a": 1, "b": 1, "c": 0},
+        "c": {"a": 0, "b": 1, "c": 0},
+    }
+    json.dumps(report)  # plain Python numbers, ready for the results files

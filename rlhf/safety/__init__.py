@@ -40,7 +40,6 @@ from rlhf.safety.embedding import (
     default_embedding_model,
     fit_logistic,
     lexical_features,
-    log_softmax,
 )
 from rlhf.safety.labelled import load_examples, read_labelled
 from rlhf.safety.llm_judge import LLMJudgeClassifier
@@ -79,7 +78,6 @@ __all__ = [
     "lexical_features",
     "load_examples",
     "load_rubric",
-    "log_softmax",
     "read_labelled",
     "resolve_completion_class",
     "resolve_device",

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlhf.config import ConfigError
 from rlhf.data import DataError
 from rlhf.rewards import RewardSourceError
@@ -19,22 +21,34 @@ from rlhf.safety.reward import build_classifier, call_checked, classify_pairs
 
 
 def classification_report(gold: list[str], pred: list[str], classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision / recall / support and a confusion table confusion[gold][pred]."""
-    confusion = {g: dict.fromkeys(classes, 0) for g in classes}
-    for g, p in zip(gold, pred, strict=True):
-        confusion[g][p] += 1
-    per_class = {}
-    for c in classes:
-        tp = confusion[c][c]
-        predicted = sum(confusion[g][c] for g in classes)
-        support = sum(confusion[c].values())
-        per_class[c] = {
-            "precision": tp / predicted if predicted else None,
-            "recall": tp / support if support else None,
-            "support": support,
-        }
-    accuracy = sum(confusion[c][c] for c in classes) / len(gold) if gold else None
-    return {"n": len(gold), "accuracy": accuracy, "per_class": per_class, "confusion": confusion}
+    """Accuracy, per-class precision / recall / support and a confusion table confusion[gold][pred].
+
+    scikit-learn's metrics as plain dicts, so they go to JSON as they are; a precision (recall) is None
+    when a class is never predicted (never occurs), where scikit-learn would report 0.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # lazy: `embeddings` extra
+
+    labels = list(classes)
+    precision, recall, _, support = precision_recall_fscore_support(
+        gold, pred, labels=labels, zero_division=np.nan
+    )
+    confusion = confusion_matrix(gold, pred, labels=labels)
+    per_class = {
+        c: {"precision": _number(p), "recall": _number(r), "support": int(n)}
+        for c, p, r, n in zip(labels, precision, recall, support, strict=True)
+    }
+    return {
+        "n": len(gold),
+        "accuracy": float(np.trace(confusion) / len(gold)),
+        "per_class": per_class,
+        "confusion": {
+            g: dict(zip(labels, map(int, row), strict=True)) for g, row in zip(labels, confusion, strict=True)
+        },
+    }
+
+
+def _number(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -98,9 +112,12 @@ def cli(argv: list[str]) -> int:
     print("predicted: " + ", ".join(f"{c}={n}" for c, n in sorted(Counter(pred).items())))
     labelled = [(r[gold_key], r[key]) for r in rows if r.get(gold_key) is not None]
     if labelled:
-        print(
-            format_report(classification_report([g for g, _ in labelled], [q for _, q in labelled], classes))
-        )
+        try:
+            report = classification_report([g for g, _ in labelled], [q for _, q in labelled], classes)
+        except ImportError:  # the rules backend runs without the `embeddings` extra; the report does not
+            print("per-class report: needs scikit-learn (pip install 'rlhf[embeddings]')")
+        else:
+            print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:

