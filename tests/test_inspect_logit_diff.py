@@ -205,3 +205,31 @@ def test_cli_over_a_prompts_file_summarises_the_check(tiny_model_dir, tmp_path, 
     capsys.readouterr()
     assert rlhf_main([*argv, "--category", "z"]) == 2
     assert "no prompt has category 'z'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["not_a_model", "reward_model", "empty_prompts", "bad_unit", "unknown_unit"])
+def test_bad_input_is_one_line_and_exit_2(case, tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    from rlhf.models import load_scalar_model
+
+    model_dir, extra = tiny_model_dir, ["--prompt", PROMPT]
+    if case == "not_a_model":
+        model_dir = str(tmp_path)
+    elif case == "reward_model":
+        model_dir = str(tmp_path / "rm")
+        load_scalar_model(tiny_model_dir, tiny_tokenizer).save_pretrained(model_dir)
+        tiny_tokenizer.save_pretrained(model_dir)
+    elif case == "empty_prompts":
+        extra = ["--prompts", str(write_jsonl(tmp_path / "empty.jsonl", []))]
+    elif case == "bad_unit":
+        extra += ["--ablate", "layer0"]
+    else:
+        extra += ["--ablate", "L7.N0"]
+    argv = ["inspect", "logit-diff", "--model", model_dir, *extra, "--target", "1", "--distractor", "2"]
+    capsys.readouterr()
+    assert rlhf_main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "".join(err)
+    if case != "unknown_unit":  # refused before the model loads: nothing else printed
+        assert len(err) == 1
+    else:
+        assert "the model has 2 layers" in err[-1]

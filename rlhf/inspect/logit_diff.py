@@ -65,6 +65,7 @@ def parse_unit(text: str, parts: ModelParts) -> Unit:
     match = _UNIT_RE.match(text)
     if not match:
         raise InspectError(f"--ablate {text!r}: expected L<layer>.H<head> or L<layer>.N<neuron>, e.g. L1.H0")
+    # The sizes are only known once the model is located, so a unit out of range is refused after loading.
     layer, letter, index = int(match[1]), match[2], int(match[3])
     if layer >= len(parts.layers):
         raise InspectError(f"--ablate {text}: the model has {len(parts.layers)} layers")
@@ -338,6 +339,11 @@ def _load(args: argparse.Namespace):
 
     if args.ablation == "mean" and not args.reference:
         raise InspectError("--ablation mean needs --reference PROMPTS (the prompts the means are taken over)")
+    for text in args.ablate:
+        if not _UNIT_RE.match(text):
+            raise InspectError(
+                f"--ablate {text!r}: expected L<layer>.H<head> or L<layer>.N<neuron>, e.g. L1.H0"
+            )
     prompts = _prompts(args)
     references = _read_prompts(args.reference) if args.reference else []
     check_causal_lm(args.model)
