@@ -55,6 +55,12 @@ class PipelineConfig:
         default="", metadata={"help": "Safety classifier config for evaluation rates ('' = none)."}
     )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Answer length limit in evaluation."})
+    inspect_per_category: int = field(
+        default=10,
+        metadata={
+            "help": "Held-out prompts per category on the SFT-vs-PPO inspect page in the report (0 = none)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for every stage and the evaluation."})
 
 
@@ -167,6 +173,8 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     start = time.time()
     results = evaluate_run(config)
     print(f"[pipeline] eval    done in {time.time() - start:.1f}s", flush=True)
+    if config.inspect_per_category:
+        results["inspect"] = inspect_run(config)
     from rlhf.report import write_report
 
     report = write_report(config, stages, results)
@@ -188,6 +196,18 @@ def evaluate_run(config: PipelineConfig) -> dict[str, Any]:
         safety_config=config.safety_config or None,
         settings=EvalSettings(max_new_tokens=config.eval_max_new_tokens, seed=config.seed),
     )
+
+
+def inspect_run(config: PipelineConfig) -> dict[str, Any]:
+    """`rlhf inspect diff` of SFT against PPO on a few held-out prompts per category, for the report to link."""
+    from rlhf.inspect.diff import report_summary
+
+    out, start = Path(config.output_dir), time.time()
+    summary = report_summary(
+        str(out / "sft"), str(out / "ppo"), config.eval_prompts, out / "inspect", config.inspect_per_category
+    )
+    print(f"[pipeline] inspect done in {time.time() - start:.1f}s -> {out / summary['page']}", flush=True)
+    return summary
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -129,6 +129,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "PPO did not improve: " + ", ".join(worse) if worse else "PPO improved or kept every tracked metric.",
     ]
+    lines += inspect_lines(report.get("inspect"))
     lines += [
         "",
         "![training curves](training_curves.png)",
@@ -148,6 +149,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def inspect_lines(inspect: dict[str, Any] | None) -> list[str]:
+    """The link to the SFT-vs-PPO inspect page, with each category's unit whose direct effect changed most."""
+    if not inspect:
+        return []
+    cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731  (explanations quote tokens such as <|end|>)
+    lines = [
+        "",
+        "## Inside the model",
+        "",
+        f"[What PPO changed inside the model]({inspect['page']}) (`rlhf inspect diff` on the first "
+        f"{inspect['per_category']} held-out prompts of each category): per category, the neuron and the head "
+        "whose direct effect on PPO's answers changed most (logits per answer token), explained in the PPO model.",
+        "",
+        "| category | unit | direct effect SFT → PPO | explanation (score) |",
+        "|---|---|---|---|",
+    ]
+    for category, units in inspect["top"].items():
+        for row in units.values():
+            lines.append(
+                f"| {category} | {row['unit']} | {row['effect_before']:+.3f} → {row['effect_after']:+.3f} | "
+                f"{cell(row['explanation_after'])} ({row['score_after']:.2f}) |"
+            )
+    return lines
+
+
 def write_report(config, stages: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """report.json, report.md and the plots from the stages' timings and the evaluation's `results`."""
     out = Path(config.output_dir)
@@ -158,6 +184,7 @@ def write_report(config, stages: dict[str, Any], results: dict[str, Any]) -> dic
         "verdicts": verdicts(sft, ppo),
         "samples": results["samples"],
         "seed": config.seed,
+        "inspect": results.get("inspect"),
     }
     report["plots"] = plot(training_curves(out), sft, ppo, out)
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -150,3 +150,22 @@ def test_report_summary_links_the_page_and_names_each_category_top_neuron(
     assert set(summary["top"]) == {"allowed", "disallowed", ALL}
     assert summary["top"]["disallowed"]["neuron"]["unit"] == f"L{CHANGED_LAYER}.N{CHANGED_NEURON}"
     assert summary["top"]["disallowed"]["head"]["unit"].startswith("L")
+
+
+def test_report_links_the_inspect_page_with_table_safe_explanations():
+    from rlhf.report import inspect_lines
+
+    row = {
+        "unit": "L0.N1",
+        "effect_before": 0.1,
+        "effect_after": 0.25,
+        "explanation_after": 'tokens "<|end|>" (1.00)',
+        "score_after": 0.5,
+    }
+    top = {"disallowed": {"neuron": row, "head": {**row, "unit": "L1.H0"}}}
+    text = "\n".join(inspect_lines({"page": "inspect/diff.html", "per_category": 3, "top": top}))
+    assert "](inspect/diff.html)" in text and "first 3 held-out prompts" in text
+    rows = [line for line in text.splitlines() if line.startswith("| disallowed |")]
+    # A token like <|end|> must not split the table row: 5 unescaped bars per row.
+    assert len(rows) == 2 and all(line.replace("\\|", "").count("|") == 5 for line in rows)
+    assert "+0.100 → +0.250" in rows[0] and inspect_lines(None) == []
