@@ -19,6 +19,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from rlhf.models import ModelLoadError
+
 POOLINGS = ("model", "mean")
 
 
@@ -57,7 +59,7 @@ def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
     if pooling == "model" or isinstance(model, BertMeanPooledForSequenceClassification):
         return model
     if not isinstance(model, BertForSequenceClassification):
-        raise ValueError(f"pooling: 'mean' needs a BERT-family encoder, found {type(model).__name__}")
+        raise ModelLoadError(f"pooling: 'mean' needs a BERT-family encoder, found {type(model).__name__}")
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
     pooled = BertMeanPooledForSequenceClassification(BertMeanPooledConfig(**settings))
     pooled.load_state_dict({k: v for k, v in model.state_dict().items() if ".pooler." not in k})

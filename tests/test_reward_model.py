@@ -229,6 +229,13 @@ def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_pa
     torch.testing.assert_close(score_ids(scores, sequences, tokenizer.pad_token_id), torch.tensor(by_hand))
 
 
+def test_mean_pooling_of_a_decoder_is_refused_as_bad_input(tiny_model_dir):
+    from rlhf.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="pooling: 'mean' needs a BERT-family encoder"):
+        load_scalar_model(tiny_model_dir, pooling="mean")
+
+
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/*/reward.yaml")), ids=lambda p: p.parent.name)
 def test_shipped_reward_configs_parse(path):
     config = parse_config(RewardStageConfig, ["--config", str(path)])
@@ -574,10 +581,11 @@ def test_hh_configs_run_sft_then_the_reward_model_on_real_rows(tmp_path, tiny_mo
     sft_metrics = sft_main(sft)
     kept = sft_metrics["train_examples"] + sft_metrics["eval_examples"]
     assert kept + sum(sft_metrics["dropped"].values()) == 40 and math.isfinite(sft_metrics["eval_loss"])
+    # The shipped config mean-pools MiniLM; from a decoder SFT checkpoint the score is read at the last token.
     reward = parse_config(
         RewardStageConfig,
         ["--config", str(REPO / "configs/hh/reward.yaml"), "--model_name_or_path", sft.output_dir,
-         "--output_dir", str(tmp_path / "rm"), "--eval_last_rows", "8", *common],
+         "--output_dir", str(tmp_path / "rm"), "--eval_last_rows", "8", "--pooling", "model", *common],
     )  # fmt: skip
     metrics = main(reward)
     assert metrics["eval_pairs"] == 8 and metrics["data_report"]["train"]["rows"] == 32
