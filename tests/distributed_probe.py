@@ -62,7 +62,10 @@ def make_probe(probe_dir: str):
             if str(state.global_step) == os.environ.get("PROBE_NAN_WEIGHT_AT") and dist.get_rank() == 1:
                 # A blow-up on one rank only, in the part of one weight this rank holds (its ZeRO-3 shard).
                 param = next(model.parameters())
-                getattr(param, "ds_tensor", param).data.fill_(float("nan"))
+                shard = getattr(param, "ds_tensor", param)
+                # The check must see a real shard: this rank holds part of the weight, not all of it.
+                assert shard.numel() < getattr(param, "ds_numel", shard.numel()), "weight is not sharded"
+                shard.data.fill_(float("nan"))
             self.steps[state.global_step] = parameter_hash(model)
 
         def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):

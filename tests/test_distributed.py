@@ -64,7 +64,15 @@ def launch(stage: str, zero: int, root: Path, model_dir: str, env: dict | None =
     return Run(root / "out", ranks)
 
 
-def run_launch(stage: str, zero: int, root: Path, model_dir: str, env: dict | None = None, **overrides):
+def run_launch(
+    stage: str,
+    zero: int,
+    root: Path,
+    model_dir: str,
+    env: dict | None = None,
+    accelerate_config: Path | None = None,
+    **overrides,
+):
     """The `accelerate launch` of one 2-process run; -> the finished process (returncode, stdout, stderr)."""
     config, train, evaluation, (n_train, n_eval) = STAGE_FILES[stage]
     root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +100,7 @@ def run_launch(stage: str, zero: int, root: Path, model_dir: str, env: dict | No
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml"),
+        str(accelerate_config or ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml"),
         "tests/distributed_probe.py",
         str(probe_dir),
         stage,
@@ -208,7 +216,45 @@ def test_accelerate_configs_load_and_name_only_known_keys(path):
 @pytest.mark.slow
 def test_nonfinite_weights_on_one_zero3_rank_are_never_committed_or_saved(tmp_path, tiny_model_dir):
     """Under ZeRO-3 each rank holds only a shard; a NaN in rank 1's shard must still stop the commit and the save."""
-    done = run_launch("sft", 3, tmp_path, tiny_model_dir, env={"PROBE_NAN_WEIGHT_AT": str(STEPS)})
+    # The tiny model's weights are all below DeepSpeed's persistence threshold (100k elements), which keeps them
+    # whole on every rank; threshold 0 shards every weight, as a real model's large ones are.
+    ds_config = tmp_path / "ds_zero3_sharded.json"
+    ds_config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": 0,
+                    "stage3_gather_16bit_weights_on_model_save": True,
+                },
+                **dict.fromkeys(
+                    [
+                        "gradient_accumulation_steps",
+                        "gradient_clipping",
+                        "train_batch_size",
+                        "train_micro_batch_size_per_gpu",
+                    ],
+                    "auto",
+                ),
+            }
+        )
+    )
+    accelerate_config = tmp_path / "zero3_sharded_cpu.yaml"
+    text = (ACCELERATE_CONFIGS / "zero3_cpu.yaml").read_text()
+    text = text.replace("  zero_stage: 3\n", f"  deepspeed_config_file: {ds_config}\n").replace(
+        'mixed_precision: "no"\n', ""
+    )
+    for key in ("zero3_save_16bit_model", "offload_optimizer_device", "offload_param_device"):
+        text = "\n".join(line for line in text.split("\n") if not line.strip().startswith(key))
+    accelerate_config.write_text(text)
+    done = run_launch(
+        "sft",
+        3,
+        tmp_path,
+        tiny_model_dir,
+        env={"PROBE_NAN_WEIGHT_AT": str(STEPS)},
+        accelerate_config=accelerate_config,
+    )
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
     assert "is not finite after training; nothing saved" in output, output[-3000:]
