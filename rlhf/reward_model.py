@@ -42,7 +42,14 @@ from rlhf.data import (
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import load_scalar_model, load_tokenizer
 from rlhf.pooling import POOLINGS
-from rlhf.rewards import Normalizer, RewardModelScorer, encode_for_scoring, reward_text, score_ids
+from rlhf.rewards import (
+    Normalizer,
+    RewardModelScorer,
+    encode_for_scoring,
+    keep_end,
+    reward_text,
+    score_ids,
+)
 from rlhf.trainer_stage import (
     CommitMarkerCallback,
     ModelFields,
@@ -115,16 +122,6 @@ class RewardStageConfig(ModelFields, RewardConfig):
 
 # --------------------------------------------------------------------------------------------------------------
 # Data
-
-
-def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
-    """The last `max_length` tokens: the answer and its EOS (where a decoder's score is read) outlast the prompt's
-    start. A leading [CLS] or BOS the tokenizer added stays: an encoder reads its score there."""
-    if not max_length or len(ids) <= max_length:
-        return ids
-    if ids[0] in (tokenizer.cls_token_id, tokenizer.bos_token_id):
-        return ids[:1] + ids[len(ids) - max_length + 1 :]
-    return ids[-max_length:]
 
 
 def encode_pairs(

@@ -40,6 +40,16 @@ def encode_for_scoring(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
+def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
+    """The last `max_length` tokens: the answer and its EOS (where a decoder's score is read) outlast the prompt's
+    start. A leading [CLS] or BOS the tokenizer added stays: an encoder reads its score there."""
+    if not max_length or len(ids) <= max_length:
+        return ids
+    if ids[0] in (tokenizer.cls_token_id, tokenizer.bos_token_id):
+        return ids[:1] + ids[len(ids) - max_length + 1 :]
+    return ids[-max_length:]
+
+
 @torch.no_grad()
 def score_ids(
     model, sequences: list[list[int]], pad_id: int, batch_size: int = 32, side: str = "right"
@@ -104,13 +114,15 @@ class RewardModelScorer:
         stats = manifest.get("normalization") or {}
         self.normalizer = Normalizer(stats.get("mean", 0.0), stats.get("std", 1.0), clip)
         self.batch_size = batch_size
+        # Score what the model was trained on: the end of an over-long conversation (an encoder has 512 positions).
+        self.max_length = manifest.get("config", {}).get("max_length")
 
     def raw_scores(self, prompt_messages: list[list[dict]], completions: list[str]) -> torch.Tensor:
         texts = [
             reward_text(self.tokenizer, prompt, [{"role": "assistant", "content": completion}])
             for prompt, completion in zip(prompt_messages, completions, strict=True)
         ]
-        ids = [encode_for_scoring(self.tokenizer, text) for text in texts]
+        ids = [keep_end(self.tokenizer, encode_for_scoring(self.tokenizer, t), self.max_length) for t in texts]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
     def __call__(

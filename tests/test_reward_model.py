@@ -421,6 +421,18 @@ def test_scorer_normalises_the_reference_set_to_mean_zero_std_one(trained):
     assert abs(stats["mean"]) > 1e-2 or abs(stats["std"] - 1) > 1e-2  # raw scores were not already standard
 
 
+def test_scorer_reads_an_over_long_conversation_as_the_stage_trained_on_it(trained):
+    """PPO and `rlhf reward score` keep the end of a conversation longer than the stage's max_length."""
+    config, _ = trained
+    scorer = RewardModelScorer(config.output_dir)
+    prompt = [{"role": "user", "content": "tell me more " * 400}]
+    text = reward_text(scorer.tokenizer, prompt, [{"role": "assistant", "content": "Sure."}])
+    ids = encode_for_scoring(scorer.tokenizer, text)
+    assert len(ids) > config.max_length
+    expected = score_ids(scorer.model, [ids[-config.max_length :]], scorer.tokenizer.pad_token_id)
+    assert torch.allclose(scorer.raw_scores([prompt], ["Sure."]), expected)
+
+
 def test_reward_score_command_writes_raw_and_normalised_scores(trained, tmp_path):
     config, _ = trained
     data = write_jsonl(
