@@ -108,7 +108,8 @@ def stage_config(stage: str, argv: list[str]):
     return parse_config(cls, argv)
 
 
-IGNORED_FOR_SKIP = {"resume_from_checkpoint"}
+# Settings that change nothing in the output; `disable_tqdm` also defaults from the logging level of the process.
+IGNORED_FOR_SKIP = {"resume_from_checkpoint", "disable_tqdm"}
 
 
 def finished_manifest(stage: str, output_dir: str, argv: list[str]) -> dict[str, Any] | None:

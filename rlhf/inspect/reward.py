@@ -196,13 +196,18 @@ def run(args: argparse.Namespace) -> int:
     model = load_scalar_model(args.model, tokenizer).eval()
     disable_dropout(model)
     model.requires_grad_(False)
-    # From embeddings the model cannot look for pad tokens; our sequences are unpadded, so it need not.
+    # From embeddings the model cannot look for pad tokens; our sequences are unpadded, so it need not (its warning
+    # is silenced for these calls only: the verbosity is global and changes e.g. TrainingArguments' defaults).
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    baseline = baseline_embedding(model, args.baseline, tokenizer.pad_token_id)
-    rows = [
-        _explain(model, tokenizer, prompt, answer, row, pattern, baseline, args.steps)
-        for prompt, answer, row in answers
-    ]
+    try:
+        baseline = baseline_embedding(model, args.baseline, tokenizer.pad_token_id)
+        rows = [
+            _explain(model, tokenizer, prompt, answer, row, pattern, baseline, args.steps)
+            for prompt, answer, row in answers
+        ]
+    finally:
+        hf_logging.set_verbosity(verbosity)
     report = {
         "model": args.model,
         "data": args.data,
