@@ -8,7 +8,6 @@ Shapes: B = batch (sequences), T = response tokens, V = vocabulary. `mask` is [B
 inf/NaN left in padded positions (e.g. log-probs of pad tokens) never leaks into a result.
 """
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -77,33 +76,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
 # --- log-probabilities and entropy ---------------------------------------------------------------------------------
 
 
-def _per_row_fp32(fn: Callable[[Tensor], Tensor], logits: Tensor) -> Tensor:
-    """Apply fn to each [T, V] row of logits [B, T, V] upcast to at least float32, stacking the [T] results.
-
-    Row by row so the float32 temporaries of a [B, T, V] softmax never exist at once: the logits are the largest
-    tensor in the PPO step. float32 because ratios exp(logp - logp_old) need more precision than bf16 has.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.stack([fn(row.to(dtype)) for row in logits])
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[labels] = z_label - logsumexp(z). logits [B, T, V], labels [B, T] -> [B, T], >= float32.
-
-    Callers align logits with labels (logits at t predict token t) and divide by the sampling temperature first.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    label_logits = logits.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1).to(dtype)
-    return label_logits - _per_row_fp32(lambda row: torch.logsumexp(row, dim=-1), logits)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v. logits [B, T, V] (finite) -> [B, T], >= float32."""
-    return _per_row_fp32(
-        lambda row: torch.logsumexp(row, -1) - (torch.softmax(row, -1) * row).sum(-1), logits
-    )
-
-
 # Tokens per chunk in the selective functions: a [chunk, V] float32 block (V = 150k: 600 MB at 1024 tokens) is the
 # largest temporary they make, whatever the number of tokens.
 LOGPROB_CHUNK_TOKENS = 1024
@@ -127,7 +99,7 @@ def selective_log_softmax(
     `chunk_tokens` tokens, z_label / tau - logsumexp(z / tau). logits [..., V], labels [...] -> [...], >= float32.
 
     Any leading shape: [B, T, V] padded or [N, V] packed. Callers align logits with labels (logits at t predict
-    token t). Equal to `logprobs_from_logits(logits / temperature, labels)` up to float error.
+    token t). Equal to `log_softmax(logits / temperature).gather(labels)` up to float error.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     blocks = _token_chunks(logits, temperature, chunk_tokens)
@@ -142,7 +114,7 @@ def chunked_entropy(
     logits: Tensor, temperature: float = 1.0, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
 ) -> Tensor:
     """Entropy of softmax(z / temperature) per token, block by block as in `selective_log_softmax`.
-    logits [..., V] -> [...], >= float32. Equal to `entropy_from_logits(logits / temperature)` up to float error."""
+    logits [..., V] -> [...], >= float32. Equal to the entropy of `softmax(logits / temperature)` up to float error."""
     out = [
         torch.logsumexp(block, -1) - (torch.softmax(block, -1) * block).sum(-1)
         for block in _token_chunks(logits, temperature, chunk_tokens)

@@ -12,9 +12,7 @@ from rlhf.losses import (
     chunked_entropy,
     compute_gae,
     compute_rewards,
-    entropy_from_logits,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -96,36 +94,13 @@ def test_masked_whiten_leaves_fewer_than_8_values_unchanged() -> None:
     assert torch.equal(masked_whiten(x, mask), x * mask)
 
 
-def test_logprobs_from_logits_matches_log_softmax_gather_with_gradients() -> None:
-    torch.manual_seed(5)
-    logits = torch.randn(3, 4, 11, requires_grad=True)
-    labels = torch.randint(0, 11, (3, 4))
-    oracle = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    ours = logprobs_from_logits(logits, labels)
-    assert ours.shape == (3, 4)
-    assert torch.allclose(ours, oracle, atol=1e-6)
-    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
-    (g_oracle,) = torch.autograd.grad(oracle.sum(), logits)
-    assert torch.allclose(g_ours, g_oracle, atol=1e-6)
-
-
-def test_logprobs_from_bf16_logits_are_float32() -> None:
-    torch.manual_seed(6)
-    logits = torch.randn(2, 3, 7).bfloat16()
-    labels = torch.randint(0, 7, (2, 3))
-    ours = logprobs_from_logits(logits, labels)
-    oracle = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    assert ours.dtype == torch.float32
-    assert torch.allclose(ours, oracle, atol=1e-6)
-
-
 def test_entropy_uniform_is_log_v_and_matches_categorical() -> None:
     V = 13
-    assert torch.allclose(entropy_from_logits(torch.zeros(2, 3, V)), torch.full((2, 3), math.log(V)))
+    assert torch.allclose(chunked_entropy(torch.zeros(2, 3, V)), torch.full((2, 3), math.log(V)))
     torch.manual_seed(7)
     logits = 3 * torch.randn(2, 3, V)
     expected = torch.distributions.Categorical(logits=logits).entropy()
-    assert torch.allclose(entropy_from_logits(logits), expected, atol=1e-5)
+    assert torch.allclose(chunked_entropy(logits), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (17,)])  # padded [B, T] and packed [N] token layouts
@@ -153,7 +128,8 @@ def test_selective_log_softmax_upcasts_bf16_and_rejects_zero_temperature() -> No
     labels = torch.randint(0, 7, (2, 3))
     ours = selective_log_softmax(logits, labels, chunk_tokens=2)
     assert ours.dtype == torch.float32
-    assert torch.allclose(ours, logprobs_from_logits(logits, labels), atol=1e-6)
+    oracle = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(ours, oracle, atol=1e-6)
     assert selective_log_softmax(logits[:, :0], labels[:, :0]).shape == (2, 0)
     with pytest.raises(ValueError, match="temperature"):
         selective_log_softmax(logits, labels, temperature=0.0)
@@ -164,7 +140,7 @@ def test_chunked_entropy_matches_entropy_of_scaled_logits_with_gradients(chunk_t
     torch.manual_seed(10)
     temperature = 0.7
     logits = (3 * torch.randn(2, 5, 13)).requires_grad_()
-    oracle = entropy_from_logits(logits / temperature)
+    oracle = torch.distributions.Categorical(logits=logits / temperature).entropy()
     ours = chunked_entropy(logits, temperature, chunk_tokens=chunk_tokens)
     assert torch.allclose(ours, oracle, atol=1e-5)
     (g_ours,) = torch.autograd.grad(ours.sum(), logits)

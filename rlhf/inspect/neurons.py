@@ -159,7 +159,7 @@ def forward_units(
     model, parts: ModelParts, batch: list[list[int]], pad_id: int, heads: bool
 ) -> dict[str, torch.Tensor]:
     """Unit activations [batch, seq, units] for right-padded token windows (pad positions are garbage)."""
-    from rlhf.rewards import pad_batch
+    from rlhf.rollout import pad_batch
 
     ids, mask = pad_batch(batch, pad_id)
     device = next(model.parameters()).device
