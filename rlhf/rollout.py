@@ -239,12 +239,18 @@ def scatter_tokens(values: Tensor, response_mask: Tensor) -> Tensor:
     return out
 
 
-def policy_forward(policy: nn.Module, batch: Rollout, temperature: float, entropy: EntropyMode = "none"):
+def policy_forward(
+    policy: nn.Module,
+    batch: Rollout,
+    temperature: float,
+    entropy: EntropyMode = "none",
+    lay: Layout | None = None,
+):
     """Log-probs [B, Lr] of the response tokens under `policy` (0 on padding), and their entropies when `entropy`
     is "stat" (no gradient: a statistic) or "loss" (a loss term, with gradient); None for "none".
 
     Logits are computed only where a response token is predicted, and log-softmax only at the sampled token."""
-    lay = layout(batch, is_packed(policy))
+    lay = lay or layout(batch, is_packed(policy))
     logits = policy(**lay.inputs, use_cache=False, logits_to_keep=lay.positions).logits[lay.select]  # [R, V]
     labels = batch.response_ids[lay.response_mask]
     logprobs = scatter_tokens(selective_log_softmax(logits, labels, temperature), lay.response_mask)
@@ -255,9 +261,9 @@ def policy_forward(policy: nn.Module, batch: Rollout, temperature: float, entrop
     return logprobs, scatter_tokens(entropies, lay.response_mask)
 
 
-def value_forward(value_model: nn.Module, batch: Rollout) -> Tensor:
+def value_forward(value_model: nn.Module, batch: Rollout, lay: Layout | None = None) -> Tensor:
     """Per-token values [B, Lr] (0 on padding): the value head on the hidden state before each response token."""
-    lay = layout(batch, is_packed(value_model))
+    lay = lay or layout(batch, is_packed(value_model))
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(**lay.inputs, use_cache=False).last_hidden_state[:, lay.positions][lay.select]  # [R, H]
     head = value_model.score if hasattr(value_model, "score") else value_model.classifier
@@ -284,5 +290,8 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, batch: Rollout, temperature: float, entropy: EntropyMode = "stat"):
         """-> (log-probs, entropies or None, values), each [B, Lr]; `entropy` as in `policy_forward`."""
-        logprobs, entropies = policy_forward(self.policy, batch, temperature, entropy)
-        return logprobs, entropies, value_forward(self.value, batch)
+        # One layout for both passes when both models take the same one: it is built per micro-batch, in the hot loop.
+        packed = is_packed(self.policy)
+        lay = layout(batch, packed) if packed == is_packed(self.value) else None
+        logprobs, entropies = policy_forward(self.policy, batch, temperature, entropy, lay)
+        return logprobs, entropies, value_forward(self.value, batch, lay)

@@ -4,8 +4,9 @@
 
 Our own loop on accelerate (TRL no longer ships PPO), following InstructGPT and "The N+ Implementation Details
 of RLHF with PPO" (Huang et al., 2024). `update.py` holds one update as numbered steps (generate, score,
-log-probs, KL-penalised rewards, advantages, PPO epochs); `config.py` holds the stage's config, `stage.py` the set-up, the loop and the final save, `checkpoint.py` what a
-checkpoint holds. The math is in `rlhf.losses`, the forward passes in `rlhf.rollout`.
+log-probs, KL-penalised rewards, advantages, PPO epochs); `config.py` the stage's config; `stage.py` the set-up,
+the loop and the final save; `checkpoint.py` what a checkpoint holds. The math is in `rlhf.losses`, the forward
+passes in `rlhf.rollout`.
 """
 
 from rlhf.ppo.checkpoint import load_checkpoint, save_checkpoint
