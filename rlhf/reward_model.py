@@ -37,7 +37,6 @@ from rlhf.data import (
     load_preferences,
     load_prompts,
     problem_at,
-    split_last_rows,
 )
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import load_scalar_model, load_tokenizer
@@ -56,7 +55,7 @@ from rlhf.trainer_stage import (
     NonFiniteLossGuard,
     StageRun,
     finish_output,
-    split_eval,
+    held_out,
     start_output,
     train_with_resume,
 )
@@ -87,13 +86,6 @@ class RewardStageConfig(ModelFields, RewardConfig):
     score_batch_size: int = field(
         default=32, metadata={"help": "Batch size when scoring for metrics and statistics."}
     )
-    eval_last_rows: int = field(
-        default=0,
-        metadata={
-            "help": "Hold out the last N rows of train_data as eval, by conversation (training rows opening with "
-            "an eval row's user turn are dropped, counted); 0 = eval_data or eval_fraction."
-        },
-    )
     pooling: str = field(
         default="model",
         metadata={
@@ -114,10 +106,6 @@ class RewardStageConfig(ModelFields, RewardConfig):
             raise ConfigError(f"pooling: expected one of {', '.join(POOLINGS)}, found {self.pooling!r}")
         if self.on_degenerate not in DEGENERATE_POLICIES:
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
-        if self.eval_last_rows < 0:
-            raise ConfigError(f"eval_last_rows: expected 0 or more, found {self.eval_last_rows}")
-        if self.eval_last_rows and self.eval_data:
-            raise ConfigError("eval_last_rows: holds out part of train_data, so eval_data must be empty")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,15 +229,7 @@ def load_pairs(config: RewardStageConfig) -> tuple[list[dict], list[dict], Repor
     if config.eval_data:
         eval_pairs, eval_report = load_preferences(config.eval_data, config.on_degenerate)
         return train_pairs, eval_pairs, report, eval_report
-    if config.eval_last_rows:
-        train_pairs, eval_pairs = split_last_rows(train_pairs, config.eval_last_rows, report)
-    else:
-        # Split by prompt group, so no prompt's ranking is half in train and half in eval.
-        train_pairs, eval_pairs = split_eval(
-            train_pairs, config.eval_fraction, config.seed, key=lambda p: p["group"]
-        )
-    eval_report = Report(rows=len({p["source"] for p in eval_pairs}))
-    report.rows -= eval_report.rows
+    train_pairs, eval_pairs, eval_report = held_out(train_pairs, config, report)
     return train_pairs, eval_pairs, report, eval_report
 
 

@@ -26,8 +26,8 @@ from rlhf.trainer_stage import (
     NonFiniteLossGuard,
     StageRun,
     finish_output,
+    held_out,
     perplexity,
-    split_eval,
     start_output,
     train_with_resume,
 )
@@ -58,16 +58,15 @@ class SFTStageConfig(ModelFields, SFTConfig):
             raise ConfigError(f"on_empty_mask: expected 'error' or 'drop', found {self.on_empty_mask!r}")
 
 
-def load_data(config: SFTStageConfig):
-    """Validate every source before any model loads; raises DataError with PATH:LINE problems."""
+def load_data(config: SFTStageConfig) -> tuple[list[dict], list[dict], Report, Report]:
+    """Train and eval rows with their data reports; every source is validated before any model loads (a
+    malformed row raises DataError with PATH:LINE problems)."""
     train_rows, report = load_demonstrations(config.train_data)
     if config.eval_data:
-        eval_rows, _ = load_demonstrations(config.eval_data)
-    else:
-        train_rows, eval_rows = split_eval(
-            train_rows, config.eval_fraction, config.seed, key=lambda r: r["source"]
-        )
-    return train_rows, eval_rows, report
+        eval_rows, eval_report = load_demonstrations(config.eval_data)
+        return train_rows, eval_rows, report, eval_report
+    train_rows, eval_rows, eval_report = held_out(train_rows, config, report)
+    return train_rows, eval_rows, report, eval_report
 
 
 def tokenize(config: SFTStageConfig, tokenizer, rows, report: Report) -> Dataset:
@@ -90,10 +89,9 @@ def tokenize(config: SFTStageConfig, tokenizer, rows, report: Report) -> Dataset
 
 
 def main(config: SFTStageConfig) -> dict:
-    train_rows, eval_rows, report = load_data(config)
+    train_rows, eval_rows, report, eval_report = load_data(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train_set = tokenize(config, tokenizer, train_rows, report)
-    eval_report = Report()
     eval_set = tokenize(config, tokenizer, eval_rows, eval_report)
     log.warning("SFT data: train %s; eval %s", report.summary(), eval_report.summary())
 
@@ -131,6 +129,7 @@ def main(config: SFTStageConfig) -> dict:
         eval_examples=len(eval_set),
         dropped=report.drops,
         truncated=report.truncated,
+        data_report={"train": report.counts(), "eval": eval_report.counts()},
     )
     finish_output(
         trainer,

@@ -24,6 +24,7 @@ from rlhf.checkpoint import (
     write_manifest,
 )
 from rlhf.config import ConfigError, config_to_dict, dump_config
+from rlhf.data import Report, conversation_key, split_last_rows
 from rlhf.distributed import nonfinite_parameter
 from rlhf.models import LoraSettings
 
@@ -42,10 +43,20 @@ class ModelFields:
     )
     eval_data: list[str] = field(
         default_factory=list,
-        metadata={"help": "Evaluation sources; empty = hold out `eval_fraction` of train_data."},
+        metadata={
+            "help": "Evaluation sources; empty = hold out `eval_last_rows` or `eval_fraction` of train_data."
+        },
     )
     eval_fraction: float = field(
-        default=0.05, metadata={"help": "Share of training rows held out when eval_data is empty."}
+        default=0.05,
+        metadata={"help": "Share of training conversations held out at random when eval_data is empty."},
+    )
+    eval_last_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Hold out the last N rows of train_data as eval, by conversation (training rows opening with "
+            "an eval row's user turn are dropped, counted); 0 = eval_data or eval_fraction."
+        },
     )
     overflow: str = field(
         default="truncate", metadata={"help": "Over-length examples: 'truncate' or 'drop' (counted)."}
@@ -92,6 +103,10 @@ class ModelFields:
             raise ConfigError(f"overflow: expected 'truncate' or 'drop', found {self.overflow!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction: expected a value in [0, 1), found {self.eval_fraction}")
+        if self.eval_last_rows < 0:
+            raise ConfigError(f"eval_last_rows: expected 0 or more, found {self.eval_last_rows}")
+        if self.eval_last_rows and self.eval_data:
+            raise ConfigError("eval_last_rows: holds out part of train_data, so eval_data must be empty")
 
 
 def split_eval(
@@ -102,6 +117,22 @@ def split_eval(
     random.Random(seed).shuffle(keys)
     held = set(keys[: max(1, int(len(keys) * fraction))]) if fraction > 0 else set()
     return [r for r in rows if key(r) not in held], [r for r in rows if key(r) in held]
+
+
+def held_out(examples: list[dict], config, report: Report) -> tuple[list[dict], list[dict], Report]:
+    """Train and eval examples from train_data alone, never splitting a conversation (nor a ranking's pairs).
+
+    `eval_last_rows` holds out the file's last rows (the same rows for every stage and seed, so an SFT run and a
+    reward model on one file keep the same conversations unseen); otherwise `eval_fraction` of the conversations,
+    drawn with `config.seed`. The held-out source rows move from the training report to the eval report returned.
+    """
+    if config.eval_last_rows:
+        train, evaluation = split_last_rows(examples, config.eval_last_rows, report)
+    else:
+        train, evaluation = split_eval(examples, config.eval_fraction, config.seed, key=conversation_key)
+    eval_report = Report(rows=len({e["source"] for e in evaluation}))
+    report.rows -= eval_report.rows
+    return train, evaluation, eval_report
 
 
 class NonFiniteWeights(RuntimeError):

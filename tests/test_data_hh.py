@@ -98,3 +98,40 @@ def test_the_last_rows_split_never_shares_a_conversation(hh_pairs):
     # The 24 left out are other branches of eval conversations, not arbitrary rows.
     held = {conversation_key(p) for p in evaluation}
     assert all(conversation_key(p) in held for p in pairs if p not in train and p not in evaluation)
+
+
+def test_sft_and_reward_configs_hold_out_the_same_conversations():
+    """One config directory, SFT then RM: the reward model's eval conversations are unseen by the SFT policy too."""
+    from rlhf.config import parse_config
+    from rlhf.reward_model import RewardStageConfig, load_pairs
+    from rlhf.sft import SFTStageConfig, load_data
+
+    def config(cls, name):
+        return parse_config(cls, ["--config", str(REPO / "configs/hh" / name), "--use_cpu", "true"])
+
+    sft_train, sft_eval, sft_report, sft_eval_report = load_data(config(SFTStageConfig, "sft.yaml"))
+    rm_train, rm_eval, rm_report, rm_eval_report = load_pairs(config(RewardStageConfig, "reward.yaml"))
+    assert lines_of(sft_eval) == lines_of(rm_eval) == list(range(1501, 1801))
+    assert lines_of(sft_train) == lines_of(rm_train) and len(sft_train) == 1476
+    assert sft_report.rows == rm_report.rows == 1500 and sft_eval_report.rows == rm_eval_report.rows == 300
+    assert sft_report.drops == rm_report.drops == {"conversation in eval": 24}
+    assert not {conversation_key(r) for r in sft_train} & {conversation_key(r) for r in rm_eval}
+
+
+def test_the_random_split_keeps_each_conversation_on_one_side(hh_pairs):
+    from types import SimpleNamespace
+
+    from rlhf.trainer_stage import held_out
+
+    pairs, _ = hh_pairs
+    by_key: dict[str, int] = {}
+    for pair in pairs:
+        by_key[conversation_key(pair)] = by_key.get(conversation_key(pair), 0) + 1
+    assert sum(n > 1 for n in by_key.values()) > 20  # the dev file does branch conversations
+    for seed in range(3):
+        config = SimpleNamespace(eval_last_rows=0, eval_fraction=0.1, seed=seed)
+        report = Report(rows=1800)
+        train, evaluation, eval_report = held_out(pairs, config, report)
+        assert not {conversation_key(p) for p in train} & {conversation_key(p) for p in evaluation}
+        assert len(train) + len(evaluation) == 1800 and 150 < len(evaluation) < 210
+        assert report.rows + eval_report.rows == 1800 and eval_report.rows == len(evaluation)

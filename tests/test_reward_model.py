@@ -584,20 +584,24 @@ def test_hh_configs_run_sft_then_the_reward_model_on_real_rows(tmp_path, tiny_mo
     hh_dev = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
     rows = tmp_path / "hh40.jsonl"
     rows.write_text("".join(hh_dev.read_text().splitlines(keepends=True)[:40]))
-    common = ["--train_data", str(rows), "--max_length", "128", "--max_steps", "2", "--use_cpu", "true"]
+    common = ["--train_data", str(rows), "--eval_last_rows", "8", "--max_length", "128", "--max_steps", "2",
+              "--use_cpu", "true"]  # fmt: skip
     sft = parse_config(
         SFTStageConfig,
         ["--config", str(REPO / "configs/hh/sft.yaml"), "--model_name_or_path", tiny_model_dir,
          "--output_dir", str(tmp_path / "sft"), "--save_strategy", "no", *common],
     )  # fmt: skip
     sft_metrics = sft_main(sft)
+    sft_report = sft_metrics["data_report"]
+    assert sft_report["train"]["rows"] + sft_report["eval"]["rows"] == 40 and sft_report["eval"]["rows"] == 8
     kept = sft_metrics["train_examples"] + sft_metrics["eval_examples"]
-    assert kept + sum(sft_metrics["dropped"].values()) == 40 and math.isfinite(sft_metrics["eval_loss"])
+    dropped = sum(n for side in sft_report.values() for n in side["dropped"].values())
+    assert kept + dropped == 40 and math.isfinite(sft_metrics["eval_loss"])
     # The shipped config mean-pools MiniLM; from a decoder SFT checkpoint the score is read at the last token.
     reward = parse_config(
         RewardStageConfig,
         ["--config", str(REPO / "configs/hh/reward.yaml"), "--model_name_or_path", sft.output_dir,
-         "--output_dir", str(tmp_path / "rm"), "--eval_last_rows", "8", "--pooling", "model", *common],
+         "--output_dir", str(tmp_path / "rm"), "--pooling", "model", *common],
     )  # fmt: skip
     metrics = main(reward)
     assert metrics["eval_pairs"] == 8 and metrics["data_report"]["train"]["rows"] == 32

@@ -53,6 +53,9 @@ def test_sft_lowers_eval_loss_and_writes_a_reloadable_checkpoint(tmp_path, tiny_
     assert manifest["metrics"]["eval_loss"] == metrics["eval_loss"]
     assert manifest["tokenizer"]["pad_token_id"] != manifest["tokenizer"]["eos_token_id"]
     assert any(name.endswith("train.jsonl") for name in manifest["data"])
+    report = manifest["metrics"]["data_report"]
+    assert report["train"]["rows"] == 96 and report["eval"]["rows"] == 24
+    assert report["train"]["kept"] == 96 and report["train"]["dropped"] == {}
     model = AutoModelForCausalLM.from_pretrained(config.output_dir)
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters(), strict=True))
