@@ -123,7 +123,8 @@ def load_scalar_model(
 ) -> nn.Module:
     """A one-label `AutoModelForSequenceClassification` (reward or value model); a causal-LM checkpoint gets a fresh head.
 
-    `pooling: mean` reads a BERT-family encoder's score at the mean of its hidden states (`rlhf.pooling`).
+    `pooling: mean` / `last_turn` read a BERT-family encoder's score at the mean of its hidden states over every
+    token / the last turn's (`rlhf.pooling`).
     """
     from rlhf.pooling import register_pooled_models, with_pooling  # transformers loads lazily, as above
 
@@ -131,7 +132,7 @@ def load_scalar_model(
     model = _from_pretrained(
         "AutoModelForSequenceClassification", path, tokenizer, dtype, trust_remote_code, num_labels=1
     )
-    model = with_pooling(model, pooling)
+    model = with_pooling(model, pooling, tokenizer)
     if lora:
         # Without the score head in modules_to_save a LoRA reward model reloads with a random head (trl#1379).
         model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score", "classifier"])

@@ -89,8 +89,9 @@ class RewardStageConfig(ModelFields, RewardConfig):
     pooling: str = field(
         default="model",
         metadata={
-            "help": "Where the score is read: 'model' (a decoder's last token, BERT's [CLS] pooler) or 'mean' "
-            "(a BERT-family encoder's mean hidden state, as sentence-transformers encoders were trained)."
+            "help": "Where the score is read: 'model' (a decoder's last token, BERT's [CLS] pooler), 'mean' "
+            "(a BERT-family encoder's mean hidden state, as sentence-transformers encoders were trained) or "
+            "'last_turn' (that mean over the answer's turn only; the answer still attends to the prompt)."
         },
     )
     on_degenerate: str = field(

