@@ -86,6 +86,13 @@ class RewardStageConfig(ModelFields, RewardConfig):
     score_batch_size: int = field(
         default=32, metadata={"help": "Batch size when scoring for metrics and statistics."}
     )
+    context_turns: int | None = field(
+        default=None,
+        metadata={
+            "help": "Read only the prompt's last N user turns (and the replies between them) before the answer; "
+            "None = the whole conversation. PPO's reward and `rlhf reward score` read the same."
+        },
+    )
     pooling: str = field(
         default="model",
         metadata={
@@ -105,6 +112,10 @@ class RewardStageConfig(ModelFields, RewardConfig):
         self.check_model_fields()
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling: expected one of {', '.join(POOLINGS)}, found {self.pooling!r}")
+        if self.context_turns is not None and self.context_turns < 1:
+            raise ConfigError(
+                f"context_turns: expected 1 or more (or null for all), found {self.context_turns}"
+            )
         if self.on_degenerate not in DEGENERATE_POLICIES:
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
 
@@ -120,8 +131,12 @@ def encode_pairs(
     group_sizes = Counter(pair["group"] for pair in pairs)
     encoded, empty_answers = [], 0
     for pair in pairs:
-        chosen = encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair["chosen"]))
-        rejected = encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair["rejected"]))
+        chosen, rejected = (
+            encode_for_scoring(
+                tokenizer, reward_text(tokenizer, pair["prompt"], pair[key], config.context_turns)
+            )
+            for key in ("chosen", "rejected")
+        )
         if config.max_length and max(len(chosen), len(rejected)) > config.max_length:
             if config.overflow == "drop":
                 report.drop("over max_length")
@@ -211,11 +226,18 @@ def reference_scores(model, tokenizer, config: RewardStageConfig, train_pairs: l
     if config.normalize_reference:
         prompts, _ = load_prompts(config.normalize_reference)
         texts = [
-            reward_text(tokenizer, p["prompt"], [{"role": "assistant", "content": p["response"]}])
+            reward_text(
+                tokenizer,
+                p["prompt"],
+                [{"role": "assistant", "content": p["response"]}],
+                config.context_turns,
+            )
             for p in prompts
         ]
     else:
-        texts = sorted({reward_text(tokenizer, p["prompt"], p["chosen"]) for p in train_pairs})
+        texts = sorted(
+            {reward_text(tokenizer, p["prompt"], p["chosen"], config.context_turns) for p in train_pairs}
+        )
     ids = [keep_end(tokenizer, encode_for_scoring(tokenizer, t), config.max_length) for t in texts]
     return score_ids(model, ids, tokenizer.pad_token_id, config.score_batch_size)
 

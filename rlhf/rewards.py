@@ -29,9 +29,22 @@ class RewardSourceError(RuntimeError):
 # Reward-model text and scores (shared by the reward stage, `rlhf reward score`, PPO and evaluation)
 
 
-def reward_text(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
-    """What the reward model reads: the rendered conversation, ending on the answer's end-of-turn token."""
-    return render_conversation(tokenizer, prompt + completion).rstrip()
+def reward_text(
+    tokenizer, prompt: list[dict], completion: list[dict], context_turns: int | None = None
+) -> str:
+    """What the reward model reads: the rendered conversation, ending on the answer's end-of-turn token; with
+    `context_turns`, only the prompt's last that many user turns (and the replies between them)."""
+    return render_conversation(tokenizer, recent_turns(prompt, context_turns) + completion).rstrip()
+
+
+def recent_turns(prompt: list[dict], turns: int | None) -> list[dict]:
+    """The prompt from its `turns`-th last user message on, after any system message; all of it if `turns` is
+    None or 0 or the prompt has no more user turns than that."""
+    users = [i for i, message in enumerate(prompt) if message["role"] == "user"]
+    if not turns or len(users) <= turns:
+        return prompt
+    system = [message for message in prompt[: users[0]] if message["role"] == "system"]
+    return system + prompt[users[-turns] :]
 
 
 def encode_for_scoring(tokenizer, text: str) -> list[int]:
@@ -114,15 +127,21 @@ class RewardModelScorer:
         stats = manifest.get("normalization") or {}
         self.normalizer = Normalizer(stats.get("mean", 0.0), stats.get("std", 1.0), clip)
         self.batch_size = batch_size
-        # Score what the model was trained on: the end of an over-long conversation (an encoder has 512 positions).
+        # Score what the model was trained on: the end of an over-long conversation (an encoder has 512 positions),
+        # the last turns only where it was trained on those.
         self.max_length = manifest.get("config", {}).get("max_length")
+        self.context_turns = manifest.get("config", {}).get("context_turns")
 
     def raw_scores(self, prompt_messages: list[list[dict]], completions: list[str]) -> torch.Tensor:
         texts = [
-            reward_text(self.tokenizer, prompt, [{"role": "assistant", "content": completion}])
+            reward_text(
+                self.tokenizer, prompt, [{"role": "assistant", "content": completion}], self.context_turns
+            )
             for prompt, completion in zip(prompt_messages, completions, strict=True)
         ]
-        ids = [keep_end(self.tokenizer, encode_for_scoring(self.tokenizer, t), self.max_length) for t in texts]
+        ids = [
+            keep_end(self.tokenizer, encode_for_scoring(self.tokenizer, t), self.max_length) for t in texts
+        ]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
     def __call__(

@@ -279,7 +279,8 @@ def test_shipped_reward_configs_parse(path):
         ({"eval_last_rows": 5}, "eval_last_rows: holds out part of train_data, so eval_data must be empty"),
         ({"eval_last_rows": -1}, "eval_last_rows: expected 0 or more"),
         ({"on_degenerate": "keep"}, "on_degenerate: expected 'drop' or 'error'"),
-        ({"pooling": "cls"}, "pooling: expected one of model, mean"),
+        ({"pooling": "cls"}, "pooling: expected one of model, mean, last_turn"),
+        ({"context_turns": 0}, "context_turns: expected 1 or more"),
     ],
 )
 def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
@@ -466,6 +467,34 @@ def test_scorer_reads_an_over_long_conversation_as_the_stage_trained_on_it(train
     assert len(ids) > config.max_length
     expected = score_ids(scorer.model, [ids[-config.max_length :]], scorer.tokenizer.pad_token_id)
     assert torch.allclose(scorer.raw_scores([prompt], ["Sure."]), expected)
+
+
+def test_recent_turns_keeps_the_last_user_turns_after_any_system_message():
+    from rlhf.rewards import recent_turns
+
+    system = {"role": "system", "content": "Be kind."}
+    turns = [{"role": r, "content": f"{r} {i}"} for i in range(3) for r in ("user", "assistant")][:-1]
+    assert recent_turns([system, *turns], 1) == [system, turns[4]]
+    assert recent_turns(turns, 2) == turns[2:]
+    assert recent_turns(turns, None) == recent_turns(turns, 3) == recent_turns(turns, 9) == turns
+
+
+def test_scorer_reads_only_the_turns_the_stage_trained_on(trained):
+    """A reward model trained with `context_turns` is scored (PPO, `rlhf reward score`) on those turns only."""
+    config, _ = trained
+    manifest = read_manifest(config.output_dir, "reward")
+    manifest["config"]["context_turns"] = 1
+    last_turn = RewardModelScorer(config.output_dir, manifest=manifest)
+    whole = RewardModelScorer(config.output_dir)
+    earlier = [
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "thanks thanks thanks 2."},
+    ]
+    question = [{"role": "user", "content": "What is 2 + 3?"}]
+    answers = ["5.", "5 thanks."]
+    with_history = last_turn.raw_scores([earlier + question] * 2, answers)
+    torch.testing.assert_close(with_history, whole.raw_scores([question] * 2, answers))
+    assert not torch.allclose(whole.raw_scores([earlier + question] * 2, answers), with_history)
 
 
 def test_reward_score_command_writes_raw_and_normalised_scores(trained, tmp_path):
