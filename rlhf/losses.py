@@ -266,17 +266,20 @@ def bradley_terry_loss(
     rejected_scores: Tensor,
     margin: Tensor | None = None,
     weights: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Pairwise Bradley-Terry loss l_i = -log sigmoid(s_chosen - s_rejected - margin), averaged as sum(w l) / sum(w).
 
     All inputs [N] (one entry per pair). `margin` (Llama 2): the required score gap. `weights`: for InstructGPT's
     K-way rankings give each of a group's K(K-1)/2 pairs the weight 1 / (K(K-1)/2); sum(w) is then the number of
     groups and the loss is the mean over groups of each group's mean pair loss. Without weights: the plain mean.
+    `label_smoothing` eps treats each label as flipped with probability eps (human preferences are noisy):
+    l_i = -(1 - eps) log sigmoid(d_i) - eps log sigmoid(-d_i), whose minimum is at a finite gap, log((1-eps)/eps).
     """
     logits = chosen_scores.float() - rejected_scores.float()
     if margin is not None:
         logits = logits - margin
-    losses = -F.logsigmoid(logits)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     if weights is None:
         return losses.mean()
     return (weights * losses).sum() / weights.sum()

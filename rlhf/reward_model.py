@@ -167,7 +167,8 @@ class PreferenceCollator:
 
 
 class GroupWeightedRewardTrainer(RewardTrainer):
-    """RewardTrainer with the InstructGPT group weighting; the training loop and metrics are TRL's."""
+    """RewardTrainer with the InstructGPT group weighting and `label_smoothing_factor` read as the chance that a
+    preference label is flipped; the training loop and metrics are TRL's."""
 
     def _set_signature_columns_if_needed(self):
         self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight"]
@@ -176,7 +177,9 @@ class GroupWeightedRewardTrainer(RewardTrainer):
         weight = inputs.pop("weight")
         _, outputs = super().compute_loss(model, inputs, return_outputs=True)
         chosen, rejected = outputs.logits.squeeze(-1).float().chunk(2)
-        loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"), weight.to(chosen.device))
+        loss = bradley_terry_loss(
+            chosen, rejected, inputs.get("margin"), weight.to(chosen.device), self.args.label_smoothing_factor
+        )
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
         return (loss, outputs) if return_outputs else loss

@@ -300,6 +300,17 @@ def test_bradley_terry_plain_margin_and_weights() -> None:
     assert got == pytest.approx((sp(1) + 3 * sp(0)) / 4)
 
 
+def test_bradley_terry_label_smoothing_mixes_in_the_flipped_label() -> None:
+    chosen, rejected = torch.tensor([2.0, -1.0]), torch.tensor([0.0, 0.0])
+    sp = lambda x: math.log1p(math.exp(-x))  # noqa: E731  -log sigmoid(x)
+    got = bradley_terry_loss(chosen, rejected, label_smoothing=0.1).item()
+    assert got == pytest.approx((0.9 * sp(2) + 0.1 * sp(-2) + 0.9 * sp(-1) + 0.1 * sp(1)) / 2)
+    # The smoothed loss stops pushing at the gap log(0.9 / 0.1): its gradient there is zero.
+    gap = torch.tensor([math.log(9.0)], requires_grad=True)
+    bradley_terry_loss(gap, torch.zeros(1), label_smoothing=0.1).backward()
+    assert abs(gap.grad.item()) < 1e-6
+
+
 def test_bradley_terry_k_way_groups_average_over_groups() -> None:
     # group A: K = 3 ranked answers -> 3 pairs of weight 1/3; group B: one pair of weight 1.
     chosen = torch.tensor([1.0, 1.0, 0.0, 3.0])

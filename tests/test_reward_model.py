@@ -358,6 +358,13 @@ def test_group_weighted_loss_equals_weighted_bradley_terry_on_one_batch(
     assert loss == pytest.approx(expected, rel=1e-4)
     assert sum(w) == pytest.approx(3.0)  # one unit per prompt
     assert abs(expected - sum(losses) / len(losses)) > 1e-3  # the weighting changed the loss
+    # label_smoothing_factor eps: each label counts as flipped with probability eps.
+    trainer.args.label_smoothing_factor = 0.2
+    with torch.no_grad():
+        smoothed = trainer.compute_loss(model, collator(rows)).item()
+    flipped = [math.log1p(math.exp(c - r)) for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)]
+    mixed = [0.8 * a + 0.2 * b for a, b in zip(losses, flipped, strict=True)]
+    assert smoothed == pytest.approx(sum(wi * li for wi, li in zip(w, mixed, strict=True)) / sum(w), rel=1e-4)
 
 
 def test_pair_metrics_on_a_hand_example():
