@@ -7,8 +7,9 @@ encoders (all-MiniLM-L6-v2) were trained to mean-pool instead: their [CLS] state
 attends to the whole conversation. A mean over a long conversation is mostly prompt, which the chosen and the
 rejected answer share, so the two pooled states barely differ. The last turn is what follows the second-to-last
 end-of-turn token (the tokenizer's EOS, which ends every turn in the chat template); a text with one turn is
-pooled whole. The class is registered with the Auto classes (`register_pooled_models`, called by `rlhf.models` before it loads a
-scalar model), so a saved checkpoint reloads through `from_pretrained` like any other, with no remote code.
+pooled whole. The class is registered with the Auto classes (`register_pooled_models`, called by `rlhf.models`
+before it loads a scalar model), so a saved checkpoint reloads through `from_pretrained` like any other, with no
+remote code.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from rlhf.rewards import (
     keep_end,
     reward_text,
     score_ids,
+    scoring_ids,
 )
 from rlhf.trainer_stage import (
     CommitMarkerCallback,
@@ -241,7 +242,7 @@ def reference_scores(model, tokenizer, config: RewardStageConfig, train_pairs: l
         texts = sorted(
             {reward_text(tokenizer, p["prompt"], p["chosen"], config.context_turns) for p in train_pairs}
         )
-    ids = [keep_end(tokenizer, encode_for_scoring(tokenizer, t), config.max_length) for t in texts]
+    ids = [scoring_ids(tokenizer, text, config.max_length) for text in texts]
     return score_ids(model, ids, tokenizer.pad_token_id, config.score_batch_size)
 
 

@@ -63,6 +63,11 @@ def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
     return ids[-max_length:]
 
 
+def scoring_ids(tokenizer, text: str, max_length: int | None) -> list[int]:
+    """Token ids of a reward text as a reward model trained with `max_length` reads it (its end kept)."""
+    return keep_end(tokenizer, encode_for_scoring(tokenizer, text), max_length)
+
+
 @torch.no_grad()
 def score_ids(
     model, sequences: list[list[int]], pad_id: int, batch_size: int = 32, side: str = "right"
@@ -139,9 +144,7 @@ class RewardModelScorer:
             )
             for prompt, completion in zip(prompt_messages, completions, strict=True)
         ]
-        ids = [
-            keep_end(self.tokenizer, encode_for_scoring(self.tokenizer, t), self.max_length) for t in texts
-        ]
+        ids = [scoring_ids(self.tokenizer, text, self.max_length) for text in texts]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
     def __call__(
