@@ -486,6 +486,25 @@ def test_recent_turns_keeps_the_last_user_turns_after_any_system_message():
     assert recent_turns(turns, None) == recent_turns(turns, 3) == recent_turns(turns, 9) == turns
 
 
+def test_the_stage_encodes_only_the_last_context_turns(tmp_path, tiny_tokenizer):
+    earlier = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2."}]
+    question = [{"role": "user", "content": "What is 2 + 3?"}]
+    pair = {"prompt": earlier + question, "chosen": [{"role": "assistant", "content": "5."}]}
+    pair |= {
+        "rejected": [{"role": "assistant", "content": "7."}],
+        "group": 0,
+        "margin": None,
+        "source": "x:1",
+    }
+    short = {**pair, "prompt": question}
+    whole, trimmed, alone = (
+        encode_pairs(tiny_tokenizer, [p], reward_config(tmp_path, "unused", **extra), Report())[0]
+        for p, extra in ((pair, {}), (pair, {"context_turns": 1}), (short, {}))
+    )
+    assert trimmed["chosen_ids"] == alone["chosen_ids"] and trimmed["rejected_ids"] == alone["rejected_ids"]
+    assert len(whole["chosen_ids"]) > len(trimmed["chosen_ids"])
+
+
 def test_scorer_reads_only_the_turns_the_stage_trained_on(trained):
     """A reward model trained with `context_turns` is scored (PPO, `rlhf reward score`) on those turns only."""
     config, _ = trained
