@@ -687,7 +687,8 @@ def test_hh_configs_run_sft_then_the_reward_model_on_real_rows(tmp_path, tiny_mo
     kept = sft_metrics["train_examples"] + sft_metrics["eval_examples"]
     dropped = sum(n for side in sft_report.values() for n in side["dropped"].values())
     assert kept + dropped == 40 and math.isfinite(sft_metrics["eval_loss"])
-    # The shipped config mean-pools MiniLM; from a decoder SFT checkpoint the score is read at the last token.
+    # The shipped config pools MiniLM over the answer's turn; from a decoder SFT checkpoint the score is read at the
+    # last token.
     reward = parse_config(
         RewardStageConfig,
         ["--config", str(REPO / "configs/hh/reward.yaml"), "--model_name_or_path", sft.output_dir,
