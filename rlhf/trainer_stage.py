@@ -26,6 +26,7 @@ from rlhf.checkpoint import (
 from rlhf.config import ConfigError, config_to_dict, dump_config
 from rlhf.data import Report, conversation_key, split_last_rows
 from rlhf.distributed import nonfinite_parameter
+from rlhf.launch import warn_about_cpu_threads
 from rlhf.models import LoraSettings
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class StageRun:
 
 
 def start_output(config) -> None:
+    warn_about_cpu_threads(log, config.use_cpu or not torch.cuda.is_available())
     begin_stage_output(config.output_dir)
     # transformers 5 reads the TensorBoard directory from the environment; keep the logs with the run.
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(config.output_dir, "runs")

@@ -31,6 +31,7 @@ from rlhf.data import (
     tokenize_demonstrations,
 )
 from rlhf.distributed import configure_deepspeed, device_options, frozen_loading, full_weights
+from rlhf.launch import warn_about_cpu_threads
 from rlhf.losses import AdaptiveKLController, FixedKLController
 from rlhf.models import LoraSettings, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from rlhf.ppo.checkpoint import PARTS, check_finite, load_checkpoint, save_checkpoint
@@ -176,6 +177,7 @@ def main(config: PPOStageConfig) -> dict[str, Any]:
     resume = resolve_resume(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
     run = build_run(config)
     accelerator = run.accelerator
+    warn_about_cpu_threads(log, accelerator.device.type == "cpu")
     if accelerator.is_main_process:
         begin_stage_output(config.output_dir)
         dump_config(config, f"{config.output_dir}/config.yaml")
