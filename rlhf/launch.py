@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
@@ -28,7 +31,7 @@ def cpu_thread_warning(on_cpu: bool, local_processes: int = 1) -> str | None:
     )
 
 
-def warn_about_cpu_threads(log, on_cpu: bool) -> None:
+def warn_about_cpu_threads(on_cpu: bool) -> None:
     warning = cpu_thread_warning(on_cpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if warning:
         log.warning(warning)

@@ -192,7 +192,7 @@ class StageRun:
 
 
 def start_output(config) -> None:
-    warn_about_cpu_threads(log, config.use_cpu or not torch.cuda.is_available())
+    warn_about_cpu_threads(config.device.type == "cpu")
     begin_stage_output(config.output_dir)
     # transformers 5 reads the TensorBoard directory from the environment; keep the logs with the run.
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(config.output_dir, "runs")

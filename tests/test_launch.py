@@ -38,12 +38,11 @@ def test_no_warning_when_the_cores_are_used_or_the_run_is_not_on_cpu(
 
 def test_the_stage_logs_the_warning_with_the_launch_world(machine, monkeypatch, caplog):
     machine(threads=1, cores=4, omp=None)
-    log = logging.getLogger("rlhf.test_launch")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with caplog.at_level(logging.WARNING):
-        launch.warn_about_cpu_threads(log, on_cpu=True)
+        launch.warn_about_cpu_threads(on_cpu=True)
     assert "in each of 2 process(es) on a 4-core machine (OMP_NUM_THREADS=unset)" in caplog.text
     caplog.clear()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    launch.warn_about_cpu_threads(log, on_cpu=True)
+    launch.warn_about_cpu_threads(on_cpu=True)
     assert caplog.text == ""

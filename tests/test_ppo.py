@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,13 @@ def test_reward_rises_while_kl_stays_bounded(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(config.output_dir)
+
+
+def test_a_cpu_run_on_fewer_threads_than_cores_says_so(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr("rlhf.launch.available_cores", lambda: 4096)
+    with caplog.at_level(logging.WARNING, logger="rlhf.launch"):
+        main(ppo_config(tmp_path, tiny_model_dir, total_updates=1, save_every=100))
+    assert "on a 4096-core machine" in caplog.text
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ reloads (LoRA included) with the same scores, resumes exactly, normalises, score
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -260,7 +261,7 @@ def test_mean_pooling_scores_the_mean_hidden_state_and_reloads_as_trained(tmp_pa
     torch.testing.assert_close(score_ids(scores, sequences, tokenizer.pad_token_id), torch.tensor(by_hand))
 
 
-def test_the_shipped_hh_reward_config_trains_last_turn_pooling_on_real_rows(tmp_path):
+def test_the_shipped_hh_reward_config_trains_last_turn_pooling_on_real_rows(tmp_path, monkeypatch, caplog):
     """configs/hh/reward.yaml as shipped (pooling: last_turn, 128 tokens, its schedule), a tiny BERT in place of
     MiniLM, on the first 40 real HH-RLHF rows: truncated multi-turn pairs train, and the model reloads pooled as
     trained."""
@@ -276,7 +277,10 @@ def test_the_shipped_hh_reward_config_trains_last_turn_pooling_on_real_rows(tmp_
          "--eval_last_rows", "8", "--max_steps", "2", "--output_dir", str(tmp_path / "rm")],
     )  # fmt: skip
     assert (config.pooling, config.max_length) == ("last_turn", 128)
-    metrics = main(config)
+    monkeypatch.setattr("rlhf.launch.available_cores", lambda: 4096)
+    with caplog.at_level(logging.WARNING, logger="rlhf.launch"):
+        metrics = main(config)
+    assert "on a 4096-core machine" in caplog.text  # the Trainer stages say when a CPU run leaves cores idle
     assert metrics["eval_pairs"] == 8 and metrics["truncated"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(config.output_dir)
     assert model.config.pool_last_turn

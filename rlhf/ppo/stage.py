@@ -177,7 +177,7 @@ def main(config: PPOStageConfig) -> dict[str, Any]:
     resume = resolve_resume(config.resume_from_checkpoint, Path(config.output_dir) / "checkpoints")
     run = build_run(config)
     accelerator = run.accelerator
-    warn_about_cpu_threads(log, accelerator.device.type == "cpu")
+    warn_about_cpu_threads(accelerator.device.type == "cpu")
     if accelerator.is_main_process:
         begin_stage_output(config.output_dir)
         dump_config(config, f"{config.output_dir}/config.yaml")
