@@ -106,6 +106,13 @@ class RewardStageConfig(ModelFields, RewardConfig):
         default="drop",
         metadata={"help": "Identical answers, empty user turns: 'drop' (counted) or 'error'."},
     )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the fresh score head (same schedule); None = `learning_rate`. A faster "
+            "head fits the pretrained features before the encoder moves far (linear probe, then fine-tune)."
+        },
+    )
 
     def __post_init__(self):
         self.default_precision()
@@ -119,6 +126,10 @@ class RewardStageConfig(ModelFields, RewardConfig):
             )
         if self.on_degenerate not in DEGENERATE_POLICIES:
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ConfigError(
+                f"head_learning_rate: expected a positive number, found {self.head_learning_rate}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,6 +195,33 @@ class GroupWeightedRewardTrainer(RewardTrainer):
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.args.head_learning_rate is not None:
+            split_head_groups(
+                optimizer, score_head_parameters(model or self.model), self.args.head_learning_rate
+            )
+        return optimizer
+
+
+HEAD_NAMES = ("score", "classifier")  # the score head of decoder / BERT-family sequence classifiers
+
+
+def score_head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The score head's parameters, also under a PEFT wrapper (`...classifier.modules_to_save.default.weight`)."""
+    return [p for name, p in model.named_parameters() if set(name.split(".")) & set(HEAD_NAMES)]
+
+
+def split_head_groups(optimizer: torch.optim.Optimizer, head: list[torch.nn.Parameter], lr: float) -> None:
+    """Move `head` out of the optimizer's groups into groups of their own at `lr`, each keeping its other settings
+    (weight decay). Called before the scheduler is built, so the schedule scales every group's own rate."""
+    head_ids = {id(p) for p in head}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in head_ids]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+            optimizer.add_param_group({**group, "params": moved, "lr": lr})
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from rlhf.reward_model import (
     encode_pairs,
     main,
     pair_metrics,
+    score_head_parameters,
 )
 from rlhf.rewards import RewardModelScorer, encode_for_scoring, reward_text, score_ids
 
@@ -308,6 +309,7 @@ def test_shipped_reward_configs_parse(path):
         ({"on_degenerate": "keep"}, "on_degenerate: expected 'drop' or 'error'"),
         ({"pooling": "cls"}, "pooling: expected one of model, mean, last_turn"),
         ({"context_turns": 0}, "context_turns: expected 1 or more"),
+        ({"head_learning_rate": 0}, "head_learning_rate: expected a positive number"),
     ],
 )
 def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
@@ -315,6 +317,44 @@ def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         reward_config(tmp_path, "unused", **overrides)
+
+
+def test_the_score_head_trains_at_its_own_learning_rate(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Adam's first step moves each parameter by about its learning rate (the update is lr * g / |g|), so after
+    one step the head has moved by `head_learning_rate` and the body by `learning_rate`."""
+    from datasets import Dataset
+
+    config = reward_config(
+        tmp_path, tiny_model_dir, max_steps=1, learning_rate=1e-4, head_learning_rate=1e-2, weight_decay=0.1
+    )
+    pairs, _ = load_preferences(config.train_data)
+    model = load_scalar_model(tiny_model_dir, tiny_tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = GroupWeightedRewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(encode_pairs(tiny_tokenizer, pairs, config, Report())),
+        processing_class=tiny_tokenizer,
+        data_collator=PreferenceCollator(tiny_tokenizer.pad_token_id, use_margin=False),
+    )
+    trainer.train()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    assert moved["score.weight"] == pytest.approx(1e-2, rel=0.05)
+    body = [v for name, v in moved.items() if not name.startswith("score.")]
+    assert max(body) == pytest.approx(1e-4, rel=0.05)
+    # The head's groups keep their weight decay: decayed (weights) and not (norms, biases) as before.
+    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups if g["params"]}
+    assert decays == {0.0, 0.1}
+
+
+def test_score_head_parameters_are_the_head_of_a_bert_or_a_decoder(tmp_path, tiny_model_dir, tiny_tokenizer):
+    base, tokenizer = tiny_bert(tmp_path / "tiny-bert")
+    for model, head in [
+        (load_scalar_model(base, tokenizer, pooling="last_turn"), "classifier"),
+        (load_scalar_model(tiny_model_dir, tiny_tokenizer), "score"),
+    ]:
+        expected = [p for name, p in model.named_parameters() if name.startswith(f"{head}.")]
+        assert expected and [id(p) for p in score_head_parameters(model)] == [id(p) for p in expected]
 
 
 # --------------------------------------------------------------------------------------------------------------
