@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -113,6 +114,13 @@ class RewardStageConfig(ModelFields, RewardConfig):
             "head fits the pretrained features before the encoder moves far (linear probe, then fine-tune)."
         },
     )
+    layer_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning-rate decay d: layer i of L trains at lr * d^(L - i), the embeddings at "
+            "lr * d^(L + 1), the head at lr (or head_learning_rate); 1 = one rate for all."
+        },
+    )
 
     def __post_init__(self):
         self.default_precision()
@@ -126,6 +134,8 @@ class RewardStageConfig(ModelFields, RewardConfig):
             )
         if self.on_degenerate not in DEGENERATE_POLICIES:
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ConfigError(f"layer_lr_decay: expected a number in (0, 1], found {self.layer_lr_decay}")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise ConfigError(
                 f"head_learning_rate: expected a positive number, found {self.head_learning_rate}"
@@ -198,30 +208,61 @@ class GroupWeightedRewardTrainer(RewardTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.head_learning_rate is not None:
-            split_head_groups(
-                optimizer, score_head_parameters(model or self.model), self.args.head_learning_rate
-            )
+        args = self.args
+        if args.head_learning_rate is not None or args.layer_lr_decay != 1.0:
+            model = model or self.model
+            layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            rates = {
+                id(p): parameter_learning_rate(
+                    name, layers, args.learning_rate, args.head_learning_rate, args.layer_lr_decay
+                )
+                for name, p in model.named_parameters()
+            }
+            regroup_by_learning_rate(optimizer, rates)
         return optimizer
 
 
-HEAD_NAMES = ("score", "classifier")  # the score head of decoder / BERT-family sequence classifiers
+HEAD_NAMES = {"score", "classifier"}  # the score head of decoder / BERT-family sequence classifiers
+LAYER_INDEX = re.compile(
+    r"\.(?:layer|layers|h)\.(\d+)\."
+)  # BERT encoder.layer.3., Llama layers.3., GPT-2 h.3.
 
 
-def score_head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The score head's parameters, also under a PEFT wrapper (`...classifier.modules_to_save.default.weight`)."""
-    return [p for name, p in model.named_parameters() if set(name.split(".")) & set(HEAD_NAMES)]
+def parameter_learning_rate(
+    name: str, num_layers: int | None, lr: float, head_lr: float | None, layer_decay: float
+) -> float:
+    """The learning rate of one parameter, by its name.
+
+    The score head (also under PEFT: `...classifier.modules_to_save.default.weight`) trains at `head_lr` (default
+    `lr`). With layer-wise decay d over L layers, layer i trains at lr * d^(L - i), the embeddings at lr * d^(L + 1)
+    and everything above the layers (final norm) at lr: the lower a layer, the more general its pretrained features
+    and the less a small dataset should move them.
+    """
+    parts = set(name.split("."))
+    if parts & HEAD_NAMES:
+        return lr if head_lr is None else head_lr
+    if layer_decay == 1.0 or not num_layers:
+        return lr
+    if index := LAYER_INDEX.search(name):
+        return lr * layer_decay ** (num_layers - int(index.group(1)))
+    if any("embed" in part or part in ("wte", "wpe") for part in parts):
+        return lr * layer_decay ** (num_layers + 1)
+    return lr
 
 
-def split_head_groups(optimizer: torch.optim.Optimizer, head: list[torch.nn.Parameter], lr: float) -> None:
-    """Move `head` out of the optimizer's groups into groups of their own at `lr`, each keeping its other settings
-    (weight decay). Called before the scheduler is built, so the schedule scales every group's own rate."""
-    head_ids = {id(p) for p in head}
-    for group in list(optimizer.param_groups):
-        moved = [p for p in group["params"] if id(p) in head_ids]
-        if moved:
-            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
-            optimizer.add_param_group({**group, "params": moved, "lr": lr})
+def regroup_by_learning_rate(optimizer: torch.optim.Optimizer, rates: dict[int, float]) -> None:
+    """Split each optimizer group into one group per learning rate (`rates`: id(parameter) -> lr), each keeping the
+    group's other settings (weight decay). Called before the scheduler is built, so the schedule scales every
+    group's own rate."""
+    groups = []
+    for group in optimizer.param_groups:
+        by_rate: dict[float, list] = defaultdict(list)
+        for p in group["params"]:
+            by_rate[rates.get(id(p), group["lr"])].append(p)
+        groups += [{**group, "params": params, "lr": lr} for lr, params in by_rate.items()]
+    optimizer.param_groups = []
+    for group in groups:
+        optimizer.add_param_group(group)
 
 
 # --------------------------------------------------------------------------------------------------------------

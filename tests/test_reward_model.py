@@ -27,7 +27,7 @@ from rlhf.reward_model import (
     encode_pairs,
     main,
     pair_metrics,
-    score_head_parameters,
+    parameter_learning_rate,
 )
 from rlhf.rewards import RewardModelScorer, encode_for_scoring, reward_text, score_ids
 
@@ -310,6 +310,7 @@ def test_shipped_reward_configs_parse(path):
         ({"pooling": "cls"}, "pooling: expected one of model, mean, last_turn"),
         ({"context_turns": 0}, "context_turns: expected 1 or more"),
         ({"head_learning_rate": 0}, "head_learning_rate: expected a positive number"),
+        ({"layer_lr_decay": 0}, r"layer_lr_decay: expected a number in \(0, 1\]"),
     ],
 )
 def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
@@ -319,16 +320,24 @@ def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
         reward_config(tmp_path, "unused", **overrides)
 
 
-def test_the_score_head_trains_at_its_own_learning_rate(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_each_parameter_trains_at_its_head_and_layer_learning_rate(tmp_path, tiny_model_dir, tiny_tokenizer):
     """Adam's first step moves each parameter by about its learning rate (the update is lr * g / |g|), so after
-    one step the head has moved by `head_learning_rate` and the body by `learning_rate`."""
+    one step the head has moved by `head_learning_rate` and layer i of L by lr * d^(L - i)."""
     from datasets import Dataset
 
+    lr, decay = 1e-3, 0.5
     config = reward_config(
-        tmp_path, tiny_model_dir, max_steps=1, learning_rate=1e-4, head_learning_rate=1e-2, weight_decay=0.1
+        tmp_path,
+        tiny_model_dir,
+        max_steps=1,
+        learning_rate=lr,
+        head_learning_rate=1e-2,
+        layer_lr_decay=decay,
+        weight_decay=0.1,
     )
     pairs, _ = load_preferences(config.train_data)
     model = load_scalar_model(tiny_model_dir, tiny_tokenizer)
+    assert model.config.num_hidden_layers == 2
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = GroupWeightedRewardTrainer(
         model=model,
@@ -340,21 +349,30 @@ def test_the_score_head_trains_at_its_own_learning_rate(tmp_path, tiny_model_dir
     trainer.train()
     moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
     assert moved["score.weight"] == pytest.approx(1e-2, rel=0.05)
-    body = [v for name, v in moved.items() if not name.startswith("score.")]
-    assert max(body) == pytest.approx(1e-4, rel=0.05)
-    # The head's groups keep their weight decay: decayed (weights) and not (norms, biases) as before.
-    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups if g["params"]}
-    assert decays == {0.0, 0.1}
+    assert moved["model.layers.1.mlp.up_proj.weight"] == pytest.approx(lr * decay, rel=0.05)
+    assert moved["model.layers.0.mlp.up_proj.weight"] == pytest.approx(lr * decay**2, rel=0.05)
+    assert moved["model.embed_tokens.weight"] == pytest.approx(lr * decay**3, rel=0.05)
+    assert moved["model.norm.weight"] == pytest.approx(lr, rel=0.05)
+    # Weight decay is kept per group: decayed (weights) and not (norms, biases) as before the split.
+    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups}
+    assert decays == {0.0, 0.1} and all(g["params"] for g in trainer.optimizer.param_groups)
 
 
-def test_score_head_parameters_are_the_head_of_a_bert_or_a_decoder(tmp_path, tiny_model_dir, tiny_tokenizer):
-    base, tokenizer = tiny_bert(tmp_path / "tiny-bert")
-    for model, head in [
-        (load_scalar_model(base, tokenizer, pooling="last_turn"), "classifier"),
-        (load_scalar_model(tiny_model_dir, tiny_tokenizer), "score"),
-    ]:
-        expected = [p for name, p in model.named_parameters() if name.startswith(f"{head}.")]
-        assert expected and [id(p) for p in score_head_parameters(model)] == [id(p) for p in expected]
+def test_parameter_learning_rates_by_name():
+    def rate(name, decay=0.5, layers=6):
+        return parameter_learning_rate(name, layers, 1e-4, 1e-2, decay)
+
+    assert rate("classifier.weight") == 1e-2
+    assert rate("base_model.model.score.modules_to_save.default.weight") == 1e-2  # PEFT-wrapped head
+    assert rate("bert.encoder.layer.5.attention.self.query.weight") == pytest.approx(1e-4 * 0.5)
+    assert rate("bert.encoder.layer.0.output.dense.bias") == pytest.approx(1e-4 * 0.5**6)
+    assert rate("bert.embeddings.word_embeddings.weight") == pytest.approx(1e-4 * 0.5**7)
+    assert rate("transformer.h.2.attn.c_attn.weight", layers=4) == pytest.approx(1e-4 * 0.5**2)
+    assert rate("transformer.wpe.weight", layers=4) == pytest.approx(1e-4 * 0.5**5)
+    assert rate("model.norm.weight") == 1e-4
+    assert rate("bert.encoder.layer.0.output.dense.bias", decay=1.0) == 1e-4
+    assert parameter_learning_rate("bert.encoder.layer.0.output.dense.bias", 6, 1e-4, None, 1.0) == 1e-4
+    assert parameter_learning_rate("classifier.bias", 6, 1e-4, None, 0.5) == 1e-4
 
 
 # --------------------------------------------------------------------------------------------------------------
