@@ -140,6 +140,14 @@ class RewardStageConfig(ModelFields, RewardConfig):
             raise ConfigError(
                 f"head_learning_rate: expected a positive number, found {self.head_learning_rate}"
             )
+        deepspeed = getattr(self, "deepspeed_plugin", None)
+        per_parameter = self.head_learning_rate is not None or self.layer_lr_decay != 1.0
+        if per_parameter and deepspeed is not None and "optimizer" in (deepspeed.deepspeed_config or {}):
+            # DeepSpeed would build its own optimizer from the config and silently train at one rate.
+            raise ConfigError(
+                "head_learning_rate, layer_lr_decay: set per parameter in the Trainer's optimizer, but the "
+                "DeepSpeed config defines its own ('optimizer'); drop one or the other"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -102,9 +103,14 @@ def encoded_texts(tokenizer, rows: list[dict], key: str) -> list[list[int]]:
     ]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "rlhf.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -356,6 +362,21 @@ def test_each_parameter_trains_at_its_head_and_layer_learning_rate(tmp_path, tin
     # Weight decay is kept per group: decayed (weights) and not (norms, biases) as before the split.
     decays = {g["weight_decay"] for g in trainer.optimizer.param_groups}
     assert decays == {0.0, 0.1} and all(g["params"] for g in trainer.optimizer.param_groups)
+
+
+def test_per_parameter_rates_under_a_deepspeed_optimizer_exit_2_before_a_model_loads(tmp_path):
+    """A DeepSpeed config with its own optimizer would silently train every parameter at one rate."""
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/accelerate/ds_zero3_offload.json"),
+    }
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(4, seed=0))
+    args = ["reward", "--model_name_or_path", "does-not-exist", "--train_data", str(pairs),
+            "--output_dir", str(tmp_path / "rm"), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
+    result = run_cli(*args, "--layer_lr_decay", "0.9", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "the DeepSpeed config defines its own ('optimizer')" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "rm").exists()
 
 
 def test_parameter_learning_rates_by_name():
