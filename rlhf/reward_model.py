@@ -118,7 +118,8 @@ class RewardStageConfig(ModelFields, RewardConfig):
         default=1.0,
         metadata={
             "help": "Layer-wise learning-rate decay d: layer i of L trains at lr * d^(L - i), the embeddings at "
-            "lr * d^(L + 1), the head at lr (or head_learning_rate); 1 = one rate for all."
+            "lr * d^(L + 1), the head at lr (or head_learning_rate); 1 = one rate for all, above 1 the lower "
+            "layers train faster."
         },
     )
 
@@ -134,8 +135,8 @@ class RewardStageConfig(ModelFields, RewardConfig):
             )
         if self.on_degenerate not in DEGENERATE_POLICIES:
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise ConfigError(f"layer_lr_decay: expected a number in (0, 1], found {self.layer_lr_decay}")
+        if self.layer_lr_decay <= 0:
+            raise ConfigError(f"layer_lr_decay: expected a positive number, found {self.layer_lr_decay}")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise ConfigError(
                 f"head_learning_rate: expected a positive number, found {self.head_learning_rate}"
