@@ -142,13 +142,19 @@ class RewardStageConfig(ModelFields, RewardConfig):
                 f"head_learning_rate: expected a positive number, found {self.head_learning_rate}"
             )
         deepspeed = getattr(self, "deepspeed_plugin", None)
-        per_parameter = self.head_learning_rate is not None or self.layer_lr_decay != 1.0
-        if per_parameter and deepspeed is not None and "optimizer" in (deepspeed.deepspeed_config or {}):
-            # DeepSpeed would build its own optimizer from the config and silently train at one rate.
+        own = [
+            k for k in ("optimizer", "scheduler") if deepspeed is not None and k in deepspeed.deepspeed_config
+        ]
+        if self.per_parameter_rates and own:
+            # DeepSpeed would build these from its config and train every parameter at one rate.
             raise ConfigError(
-                "head_learning_rate, layer_lr_decay: set per parameter in the Trainer's optimizer, but the "
-                "DeepSpeed config defines its own ('optimizer'); drop one or the other"
+                "head_learning_rate, layer_lr_decay: set per parameter in the Trainer's optimizer and schedule, "
+                f"but the DeepSpeed config defines its own ({', '.join(own)}); drop one or the other"
             )
+
+    @property
+    def per_parameter_rates(self) -> bool:
+        return self.head_learning_rate is not None or self.layer_lr_decay != 1.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,25 +222,39 @@ class GroupWeightedRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
+        fresh = self.optimizer is None  # DeepSpeed's path asks twice; regroup once, before the scheduler
         optimizer = super().create_optimizer(model)
-        args = self.args
-        if args.head_learning_rate is not None or args.layer_lr_decay != 1.0:
-            model = model or self.model
-            layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-            rates = {
-                id(p): parameter_learning_rate(
-                    name, layers, args.learning_rate, args.head_learning_rate, args.layer_lr_decay
-                )
-                for name, p in model.named_parameters()
-            }
-            regroup_by_learning_rate(optimizer, rates)
+        if fresh and self.args.per_parameter_rates:
+            regroup_by_learning_rate(
+                optimizer, parameter_learning_rates(model if model is not None else self.model, self.args)
+            )
         return optimizer
 
 
+def parameter_learning_rates(model: torch.nn.Module, config: RewardStageConfig) -> dict[int, float]:
+    """id(parameter) -> its learning rate; an option that would match no parameter is an error, not a no-op."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    names = dict(model.named_parameters())
+    if config.head_learning_rate is not None and not any(set(n.split(".")) & HEAD_NAMES for n in names):
+        raise ConfigError(
+            f"head_learning_rate: the model has no score head (parameters under {' or '.join(sorted(HEAD_NAMES))})"
+        )
+    if config.layer_lr_decay != 1.0 and not (layers and any(LAYER_INDEX.search(n) for n in names)):
+        raise ConfigError(
+            "layer_lr_decay: the model's layers were not found (config.num_hidden_layers, and parameters "
+            "named like ...layers.N...)"
+        )
+    return {
+        id(p): parameter_learning_rate(
+            name, layers, config.learning_rate, config.head_learning_rate, config.layer_lr_decay
+        )
+        for name, p in names.items()
+    }
+
+
 HEAD_NAMES = {"score", "classifier"}  # the score head of decoder / BERT-family sequence classifiers
-LAYER_INDEX = re.compile(
-    r"\.(?:layer|layers|h)\.(\d+)\."
-)  # BERT encoder.layer.3., Llama layers.3., GPT-2 h.3.
+# The first numbered block in a name: BERT encoder.layer.3., Llama layers.3., GPT-2 h.3., T5 block.3.
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 
 
 def parameter_learning_rate(
@@ -245,24 +265,26 @@ def parameter_learning_rate(
     The score head (also under PEFT: `...classifier.modules_to_save.default.weight`) trains at `head_lr` (default
     `lr`). With layer-wise decay d over L layers, layer i trains at lr * d^(L - i), the embeddings at lr * d^(L + 1)
     and everything above the layers (final norm) at lr: the lower a layer, the more general its pretrained features
-    and the less a small dataset should move them.
+    and the less a small dataset should move them. Meant for encoders and decoders: an encoder-decoder's
+    encoder and decoder layer i would share a rate.
     """
-    parts = set(name.split("."))
-    if parts & HEAD_NAMES:
+    parts = name.split(".")
+    if set(parts) & HEAD_NAMES:
         return lr if head_lr is None else head_lr
     if layer_decay == 1.0 or not num_layers:
         return lr
     if index := LAYER_INDEX.search(name):
         return lr * layer_decay ** (num_layers - int(index.group(1)))
-    if any("embed" in part or part in ("wte", "wpe") for part in parts):
+    if any(part.startswith("embed") or part in ("wte", "wpe") for part in parts):
         return lr * layer_decay ** (num_layers + 1)
     return lr
 
 
 def regroup_by_learning_rate(optimizer: torch.optim.Optimizer, rates: dict[int, float]) -> None:
     """Split each optimizer group into one group per learning rate (`rates`: id(parameter) -> lr), each keeping the
-    group's other settings (weight decay). Called before the scheduler is built, so the schedule scales every
-    group's own rate."""
+    group's other settings (weight decay). The groups at the base rate come first, as the Trainer logs the first
+    group's rate. Run before the scheduler is built, so the schedule scales every group's own rate."""
+    base = optimizer.param_groups[0]["lr"]
     groups = []
     for group in optimizer.param_groups:
         by_rate: dict[float, list] = defaultdict(list)
@@ -270,7 +292,7 @@ def regroup_by_learning_rate(optimizer: torch.optim.Optimizer, rates: dict[int, 
             by_rate[rates.get(id(p), group["lr"])].append(p)
         groups += [{**group, "params": params, "lr": lr} for lr, params in by_rate.items()]
     optimizer.param_groups = []
-    for group in groups:
+    for group in sorted(groups, key=lambda g: g["lr"] != base):  # stable: the order stays deterministic
         optimizer.add_param_group(group)
 
 
@@ -369,6 +391,8 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
         config.lora_settings(),
         config.pooling,
     )
+    if config.per_parameter_rates:
+        parameter_learning_rates(model, config)  # a rate that matches no parameter fails before training
     use_margin = any(p["margin"] is not None for p in train_pairs)
     trainer = GroupWeightedRewardTrainer(
         model=model,

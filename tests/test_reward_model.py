@@ -360,23 +360,56 @@ def test_each_parameter_trains_at_its_head_and_layer_learning_rate(tmp_path, tin
     assert moved["model.embed_tokens.weight"] == pytest.approx(lr * decay**3, rel=0.05)
     assert moved["model.norm.weight"] == pytest.approx(lr, rel=0.05)
     # Weight decay is kept per group: decayed (weights) and not (norms, biases) as before the split.
-    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups}
-    assert decays == {0.0, 0.1} and all(g["params"] for g in trainer.optimizer.param_groups)
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.1} and all(g["params"] for g in groups)
+    # The schedule was built on the split groups (each decays from its own rate), and the first group, whose
+    # rate the Trainer logs as `learning_rate`, is at the base rate.
+    # 7 groups: final norm (no decay), head, layers 1 and 0 (each with and without decay), embeddings.
+    assert trainer.lr_scheduler.base_lrs == [g["initial_lr"] for g in groups] and len(groups) == 7
+    assert groups[0]["initial_lr"] == lr
 
 
-def test_per_parameter_rates_under_a_deepspeed_optimizer_exit_2_before_a_model_loads(tmp_path):
-    """A DeepSpeed config with its own optimizer would silently train every parameter at one rate."""
-    env = {
-        "ACCELERATE_USE_DEEPSPEED": "true",
-        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/accelerate/ds_zero3_offload.json"),
-    }
+def test_a_per_parameter_rate_that_matches_no_parameter_is_refused(tmp_path):
+    from rlhf.config import ConfigError
+    from rlhf.reward_model import parameter_learning_rates
+
+    config = reward_config(tmp_path, "unused", head_learning_rate=1e-2)
+    with pytest.raises(ConfigError, match="head_learning_rate: the model has no score head"):
+        parameter_learning_rates(torch.nn.Linear(2, 1), config)
+    config = reward_config(tmp_path, "unused", layer_lr_decay=0.9)
+    with pytest.raises(ConfigError, match="layer_lr_decay: the model's layers were not found"):
+        parameter_learning_rates(torch.nn.Linear(2, 1), config)
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "own"),
+    [
+        (
+            {"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupDecayLR", "params": {}}},
+            "scheduler",
+        ),
+        ({"zero_optimization": {"stage": 2}}, None),
+        (str(REPO / "configs/accelerate/ds_zero3_offload.json"), "optimizer"),
+    ],
+    ids=["own-scheduler", "neither", "own-optimizer"],
+)
+def test_per_parameter_rates_under_a_deepspeed_optimizer_or_schedule_exit_2_before_a_model_loads(
+    tmp_path, deepspeed, own
+):
+    """DeepSpeed's own optimizer or scheduler (from its config) would silently train every parameter at one rate."""
+    if isinstance(deepspeed, dict):
+        deepspeed = str(write_jsonl(tmp_path / "ds.json", [deepspeed]))
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": deepspeed}
     pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(4, seed=0))
-    args = ["reward", "--model_name_or_path", "does-not-exist", "--train_data", str(pairs),
+    args = ["reward", "--model_name_or_path", str(tmp_path / "no-model"), "--train_data", str(pairs),
             "--output_dir", str(tmp_path / "rm"), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
     result = run_cli(*args, "--layer_lr_decay", "0.9", env=env)
-    assert result.returncode == 2, result.stderr
-    assert "the DeepSpeed config defines its own ('optimizer')" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "rm").exists()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    if own is None:  # the config is accepted; the run stops later, at the missing model
+        assert "DeepSpeed config" not in result.stderr and "no-model" in result.stderr
+    else:
+        assert f"the DeepSpeed config defines its own ({own})" in result.stderr
+        assert not (tmp_path / "rm").exists()
 
 
 def test_parameter_learning_rates_by_name():
