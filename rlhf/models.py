@@ -113,6 +113,14 @@ def load_causal_lm(
     return apply_lora(model, lora, task_type="CAUSAL_LM") if lora else model
 
 
+SCORE_HEADS = ("score", "classifier")  # the score head of decoder / BERT-family sequence classifiers
+
+
+def is_score_head(parameter_name: str) -> bool:
+    """Also under PEFT, where the head is `...classifier.modules_to_save.default.weight`."""
+    return any(part in SCORE_HEADS for part in parameter_name.split("."))
+
+
 def load_scalar_model(
     path: str,
     tokenizer=None,
@@ -135,7 +143,7 @@ def load_scalar_model(
     model = with_pooling(model, pooling, tokenizer)
     if lora:
         # Without the score head in modules_to_save a LoRA reward model reloads with a random head (trl#1379).
-        model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score", "classifier"])
+        model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=list(SCORE_HEADS))
     return model
 
 

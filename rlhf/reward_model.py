@@ -40,7 +40,7 @@ from rlhf.data import (
     problem_at,
 )
 from rlhf.losses import bradley_terry_loss
-from rlhf.models import load_scalar_model, load_tokenizer
+from rlhf.models import SCORE_HEADS, is_score_head, load_scalar_model, load_tokenizer
 from rlhf.pooling import POOLINGS
 from rlhf.rewards import (
     Normalizer,
@@ -235,9 +235,9 @@ def parameter_learning_rates(model: torch.nn.Module, config: RewardStageConfig) 
     """id(parameter) -> its learning rate; an option that would match no parameter is an error, not a no-op."""
     layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     names = dict(model.named_parameters())
-    if config.head_learning_rate is not None and not any(set(n.split(".")) & HEAD_NAMES for n in names):
+    if config.head_learning_rate is not None and not any(is_score_head(n) for n in names):
         raise ConfigError(
-            f"head_learning_rate: the model has no score head (parameters under {' or '.join(sorted(HEAD_NAMES))})"
+            f"head_learning_rate: the model has no score head (parameters under {' or '.join(SCORE_HEADS)})"
         )
     if config.layer_lr_decay != 1.0 and not (layers and any(LAYER_INDEX.search(n) for n in names)):
         raise ConfigError(
@@ -252,7 +252,6 @@ def parameter_learning_rates(model: torch.nn.Module, config: RewardStageConfig) 
     }
 
 
-HEAD_NAMES = {"score", "classifier"}  # the score head of decoder / BERT-family sequence classifiers
 # The first numbered block in a name: BERT encoder.layer.3., Llama layers.3., GPT-2 h.3., T5 block.3.
 LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 
@@ -262,20 +261,18 @@ def parameter_learning_rate(
 ) -> float:
     """The learning rate of one parameter, by its name.
 
-    The score head (also under PEFT: `...classifier.modules_to_save.default.weight`) trains at `head_lr` (default
-    `lr`). With layer-wise decay d over L layers, layer i trains at lr * d^(L - i), the embeddings at lr * d^(L + 1)
+    The score head trains at `head_lr` (default `lr`). With layer-wise decay d over L layers, layer i trains at lr * d^(L - i), the embeddings at lr * d^(L + 1)
     and everything above the layers (final norm) at lr: the lower a layer, the more general its pretrained features
     and the less a small dataset should move them. Meant for encoders and decoders: an encoder-decoder's
     encoder and decoder layer i would share a rate.
     """
-    parts = name.split(".")
-    if set(parts) & HEAD_NAMES:
+    if is_score_head(name):
         return lr if head_lr is None else head_lr
     if layer_decay == 1.0 or not num_layers:
         return lr
     if index := LAYER_INDEX.search(name):
         return lr * layer_decay ** (num_layers - int(index.group(1)))
-    if any(part.startswith("embed") or part in ("wte", "wpe") for part in parts):
+    if any(part.startswith("embed") or part in ("wte", "wpe") for part in name.split(".")):
         return lr * layer_decay ** (num_layers + 1)
     return lr
 

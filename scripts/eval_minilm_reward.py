@@ -9,7 +9,8 @@ folder whose top level holds the BERT weights, config and tokenizer). Its HF fil
 stage reads the score at BERT's own [CLS] pooler (`configs/minilm`) or at the mean hidden state of the answer's
 turn (`pooling: last_turn`, `configs/hh`). The data are hand-written pairs (`data/minilm_pairs/`, split by
 prompt) or the HH-RLHF dev rows (the last 300 held out by conversation). Two baselines are printed with the
-result: "prefer the longer answer" and the untrained backbone (fresh score head), so the accuracy can be read against what needs no learning.
+result: "prefer the longer answer" and the untrained backbone (fresh score head), so the accuracy can be read
+against what needs no learning.
 Extra `--field value` arguments override the config. (Run from the repository root with `-m`.)
 """
 

@@ -42,7 +42,9 @@ def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> str:
     return path
 
 
-def test_chat_streams_greedy_replies_and_reset_forgets_the_conversation(chatty_model_dir, monkeypatch, capsys):
+def test_chat_streams_greedy_replies_and_reset_forgets_the_conversation(
+    chatty_model_dir, monkeypatch, capsys
+):
     tiny_model_dir = chatty_model_dir
     typed = iter(["What is 2 + 3?", "And 4 + 4?", "/reset", "And 4 + 4?", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))

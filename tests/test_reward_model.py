@@ -83,6 +83,19 @@ def reward_config(tmp_path, model_dir, train_rows=None, eval_rows=None, **overri
     return parse_config(RewardStageConfig, [item for kv in args.items() for item in (f"--{kv[0]}", kv[1])])
 
 
+def pair_trainer(model, config: RewardStageConfig, tokenizer, rows: list[dict]) -> GroupWeightedRewardTrainer:
+    """The stage's trainer on encoded pairs, for tests that drive its loss or optimizer directly."""
+    from datasets import Dataset
+
+    return GroupWeightedRewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id, use_margin=False),
+    )
+
+
 def weights(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -329,7 +342,6 @@ def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
 def test_each_parameter_trains_at_its_head_and_layer_learning_rate(tmp_path, tiny_model_dir, tiny_tokenizer):
     """Adam's first step moves each parameter by about its learning rate (the update is lr * g / |g|), so after
     one step the head has moved by `head_learning_rate` and layer i of L by lr * d^(L - i)."""
-    from datasets import Dataset
 
     lr, decay = 1e-3, 0.5
     config = reward_config(
@@ -345,12 +357,8 @@ def test_each_parameter_trains_at_its_head_and_layer_learning_rate(tmp_path, tin
     model = load_scalar_model(tiny_model_dir, tiny_tokenizer)
     assert model.config.num_hidden_layers == 2
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = GroupWeightedRewardTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(encode_pairs(tiny_tokenizer, pairs, config, Report())),
-        processing_class=tiny_tokenizer,
-        data_collator=PreferenceCollator(tiny_tokenizer.pad_token_id, use_margin=False),
+    trainer = pair_trainer(
+        model, config, tiny_tokenizer, encode_pairs(tiny_tokenizer, pairs, config, Report())
     )
     trainer.train()
     moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
@@ -471,21 +479,14 @@ def test_k_way_rankings_expand_to_all_pairs_with_one_unit_of_weight_per_prompt(t
 def test_group_weighted_loss_equals_weighted_bradley_terry_on_one_batch(
     tmp_path, tiny_model_dir, tiny_tokenizer
 ):
-    from datasets import Dataset
 
     pairs, _ = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", ranking_rows())))
     config = reward_config(tmp_path, tiny_model_dir)
     rows = encode_pairs(tiny_tokenizer, pairs, config, Report())
     model = load_scalar_model(tiny_model_dir, tiny_tokenizer)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # spread the scores so the weighting shows
-    collator = PreferenceCollator(tiny_tokenizer.pad_token_id, use_margin=False)
-    trainer = GroupWeightedRewardTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tiny_tokenizer,
-        data_collator=collator,
-    )
+    trainer = pair_trainer(model, config, tiny_tokenizer, rows)
+    collator = trainer.data_collator
     model.eval()
     with torch.no_grad():
         loss = trainer.compute_loss(model, collator(rows)).item()

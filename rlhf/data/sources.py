@@ -16,7 +16,6 @@ from typing import Any
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Problems and errors
 

@@ -19,13 +19,19 @@ SUBCOMMANDS = ["neurons", "explain", "diff", "logit_diff", "reward"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf inspect", description="What did RLHF change inside the model?")
+    parser = argparse.ArgumentParser(
+        prog="rlhf inspect", description="What did RLHF change inside the model?"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"rlhf.inspect.{name}")
         summary = (module.__doc__ or name).strip().splitlines()[0]
-        sub = commands.add_parser(name.replace("_", "-"), help=summary, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name.replace("_", "-"),
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(sub)
         sub.set_defaults(module=module)
     return parser

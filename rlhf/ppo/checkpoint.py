@@ -1,9 +1,9 @@
 """PPO checkpoints: everything a run needs to continue exactly, committed together (temp dir, marker, rename).
 
-    step-N/policy/, value/            weights (safetensors)
-    step-N/trainer_state.pt           optimizer (without DeepSpeed), scheduler, KL controller, counters, EMA, RNG
-    step-N/rng_state_{rank}.pt        each rank's RNG states (sampling seeds differ per rank), multi-process only
-    step-N/deepspeed/engine/          DeepSpeed: every rank's optimizer (and ZeRO-3 weight) shards
+step-N/policy/, value/            weights (safetensors)
+step-N/trainer_state.pt           optimizer (without DeepSpeed), scheduler, KL controller, counters, EMA, RNG
+step-N/rng_state_{rank}.pt        each rank's RNG states (sampling seeds differ per rank), multi-process only
+step-N/deepspeed/engine/          DeepSpeed: every rank's optimizer (and ZeRO-3 weight) shards
 """
 
 from __future__ import annotations
