@@ -261,10 +261,10 @@ def parameter_learning_rate(
 ) -> float:
     """The learning rate of one parameter, by its name.
 
-    The score head trains at `head_lr` (default `lr`). With layer-wise decay d over L layers, layer i trains at lr * d^(L - i), the embeddings at lr * d^(L + 1)
-    and everything above the layers (final norm) at lr: the lower a layer, the more general its pretrained features
-    and the less a small dataset should move them. Meant for encoders and decoders: an encoder-decoder's
-    encoder and decoder layer i would share a rate.
+    The score head trains at `head_lr` (default `lr`). With layer-wise decay d over L layers, layer i trains at
+    lr * d^(L - i), the embeddings at lr * d^(L + 1) and everything above the layers (final norm) at lr: the lower
+    a layer, the more general its pretrained features and the less a small dataset should move them. Meant for
+    encoders and decoders: an encoder-decoder's encoder and decoder layer i would share a rate.
     """
     if is_score_head(name):
         return lr if head_lr is None else head_lr

@@ -342,7 +342,6 @@ def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
 def test_each_parameter_trains_at_its_head_and_layer_learning_rate(tmp_path, tiny_model_dir, tiny_tokenizer):
     """Adam's first step moves each parameter by about its learning rate (the update is lr * g / |g|), so after
     one step the head has moved by `head_learning_rate` and layer i of L by lr * d^(L - i)."""
-
     lr, decay = 1e-3, 0.5
     config = reward_config(
         tmp_path,
@@ -479,7 +478,6 @@ def test_k_way_rankings_expand_to_all_pairs_with_one_unit_of_weight_per_prompt(t
 def test_group_weighted_loss_equals_weighted_bradley_terry_on_one_batch(
     tmp_path, tiny_model_dir, tiny_tokenizer
 ):
-
     pairs, _ = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", ranking_rows())))
     config = reward_config(tmp_path, tiny_model_dir)
     rows = encode_pairs(tiny_tokenizer, pairs, config, Report())
