@@ -55,9 +55,7 @@ class Setup:
     learning_rate: float = 3e-6
     adam_eps: float = 1e-5
     kl_coef: float = 0.05
-    reward: str = (
-        "function"  # "function": rlhf.demo:gold_judge; "model": a same-size classifier
-    )
+    reward: str = "function"  # "function": rlhf.demo:gold_judge; "model": a same-size classifier
     threads: int = 2
     seed: int = 0
     device: str = "cpu"  # "cpu" (float32) or "cuda" (bf16 autocast over float32 weights, SDPA)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
@@ -46,6 +47,7 @@ from rlhf.rewards import (
     Normalizer,
     RewardModelScorer,
     encode_for_scoring,
+    forward_by_length,
     keep_end,
     reward_text,
     score_ids,
@@ -114,6 +116,14 @@ class RewardStageConfig(ModelFields, RewardConfig):
             "head fits the pretrained features before the encoder moves far (linear probe, then fine-tune)."
         },
     )
+    head_init: str = field(
+        default="random",
+        metadata={
+            "help": "How the fresh score head starts: 'random' (the model's own init), 'zero', or "
+            "'linear_probe' (LP-FT: a Bradley-Terry logistic regression on the loaded model's features of the "
+            "training pairs, its L2 weight chosen by 5-fold cross-validation on them; one extra forward pass)."
+        },
+    )
     layer_lr_decay: float = field(
         default=1.0,
         metadata={
@@ -137,6 +147,12 @@ class RewardStageConfig(ModelFields, RewardConfig):
             raise ConfigError(f"on_degenerate: expected 'drop' or 'error', found {self.on_degenerate!r}")
         if self.layer_lr_decay <= 0:
             raise ConfigError(f"layer_lr_decay: expected a positive number, found {self.layer_lr_decay}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init: expected one of {', '.join(HEAD_INITS)}, found {self.head_init!r}")
+        if self.head_init != "random" and self.use_lora:
+            raise ConfigError(
+                "head_init: set the score head of a full model; with use_lora leave it 'random'"
+            )
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise ConfigError(
                 f"head_learning_rate: expected a positive number, found {self.head_learning_rate}"
@@ -145,6 +161,15 @@ class RewardStageConfig(ModelFields, RewardConfig):
         own = [
             k for k in ("optimizer", "scheduler") if deepspeed is not None and k in deepspeed.deepspeed_config
         ]
+        zero_3 = (
+            deepspeed is not None
+            and deepspeed.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+        )
+        if self.head_init == "linear_probe" and zero_3:
+            # The probe runs the loaded model before the Trainer exists; under ZeRO-3 its weights are partitioned.
+            raise ConfigError(
+                "head_init: 'linear_probe' needs the whole model on each rank; not under ZeRO-3"
+            )
         if self.per_parameter_rates and own:
             # DeepSpeed would build these from its config and train every parameter at one rate.
             raise ConfigError(
@@ -155,6 +180,9 @@ class RewardStageConfig(ModelFields, RewardConfig):
     @property
     def per_parameter_rates(self) -> bool:
         return self.head_learning_rate is not None or self.layer_lr_decay != 1.0
+
+
+HEAD_INITS = ("random", "zero", "linear_probe")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,6 +322,117 @@ def regroup_by_learning_rate(optimizer: torch.optim.Optimizer, rates: dict[int, 
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Where the score head starts (LP-FT: Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features")
+
+PROBE_L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def fit_linear_probe(
+    chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor, l2: float
+) -> torch.Tensor:
+    """The direction v minimising the weighted Bradley-Terry loss of scores x @ v, plus l2 * |v|^2.
+
+    chosen, rejected: [N, hidden] features of each pair's two answers; weight: [N]. The loss is convex in v, so
+    L-BFGS from zero finds the one minimum.
+    """
+    difference, weight = (chosen - rejected).double(), weight.double()
+    direction = torch.zeros(difference.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [direction], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+    )
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (weight * F.softplus(-(difference @ direction))).sum() / weight.sum()
+        loss = loss + l2 * direction.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return direction.detach().float()
+
+
+def cross_validated_l2(
+    chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor, seed: int, folds: int = 5
+) -> tuple[float, dict[float, float]]:
+    """The L2 weight of `PROBE_L2_GRID` whose probe ranks held-out folds of the pairs best (ties: the stronger),
+    and each weight's cross-validated accuracy."""
+    fold = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed)) % folds
+    accuracy = {}
+    for l2 in PROBE_L2_GRID:
+        right = 0
+        for k in range(folds):
+            train, test = fold != k, fold == k
+            direction = fit_linear_probe(chosen[train], rejected[train], weight[train], l2)
+            right += int(((chosen[test] - rejected[test]) @ direction > 0).sum())
+        accuracy[l2] = right / len(chosen)
+    return max(reversed(PROBE_L2_GRID), key=accuracy.get), accuracy
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Linear:
+    for name in SCORE_HEADS:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear) and head.out_features == 1:
+            return head
+    raise ConfigError(
+        f"head_init: the model has no one-output linear score head ({' or '.join(SCORE_HEADS)})"
+    )
+
+
+def head_inputs(
+    model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """[N, hidden]: what the score head reads for each sequence (an encoder's pooled state, a decoder's state
+    at its last real token), from the model in eval mode."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.update(mask=kwargs["attention_mask"]), with_kwargs=True
+        ),
+        score_head(model).register_forward_pre_hook(lambda module, args: seen.update(features=args[0])),
+    ]
+
+    def read(_) -> torch.Tensor:
+        features = seen["features"]
+        if features.dim() == 3:  # a decoder scores every position and reads the last real one (right padding)
+            features = features[torch.arange(len(features)), seen["mask"].sum(1) - 1]
+        return features
+
+    training = model.training
+    model.eval()
+    try:
+        return forward_by_length(model, sequences, pad_id, batch_size, "right", read)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+
+
+def init_score_head(model: torch.nn.Module, rows: list[dict], config: RewardStageConfig, pad_id: int) -> dict:
+    """Start the score head as `config.head_init` says; returns the probe's figures for the run's metrics."""
+    head = score_head(model)
+    if config.head_init == "zero":
+        torch.nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+        return {}
+    model.to(config.device)  # the Trainer would move it there anyway; the probe's forward pass runs there too
+    chosen, rejected = (
+        head_inputs(model, [r[key] for r in rows], pad_id, config.score_batch_size)
+        for key in ("chosen_ids", "rejected_ids")
+    )
+    weight = torch.tensor([r["weight"] for r in rows])
+    l2, accuracy = cross_validated_l2(chosen, rejected, weight, config.seed)
+    direction = fit_linear_probe(chosen, rejected, weight, l2)
+    with torch.no_grad():
+        head.weight.copy_(direction.unsqueeze(0))
+        if head.bias is not None:  # centre the scores of the training answers on zero
+            head.bias.fill_(-float(torch.cat([chosen, rejected]).mean(0) @ direction))
+    log.warning("score head from a linear probe: L2 %g, cross-validated pair accuracy %.3f", l2, accuracy[l2])
+    return {"probe_l2": l2, "probe_cv_accuracy": accuracy[l2]}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Metrics and normalisation
 
 
@@ -390,6 +529,8 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     )
     if config.per_parameter_rates:
         parameter_learning_rates(model, config)  # a rate that matches no parameter fails before training
+    if config.head_init != "random":
+        run.metrics.update(init_score_head(model, train_rows, config, tokenizer.pad_token_id))
     use_margin = any(p["margin"] is not None for p in train_pairs)
     trainer = GroupWeightedRewardTrainer(
         model=model,
@@ -480,4 +621,6 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    from rlhf.cli import exit_process
+
+    exit_process(cli(sys.argv[1:]))

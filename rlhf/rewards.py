@@ -68,25 +68,40 @@ def scoring_ids(tokenizer, text: str, max_length: int | None) -> list[int]:
     return keep_end(tokenizer, encode_for_scoring(tokenizer, text), max_length)
 
 
-@torch.no_grad()
 def score_ids(
     model, sequences: list[list[int]], pad_id: int, batch_size: int = 32, side: str = "right"
 ) -> torch.Tensor:
     """Scalar scores [N] read at each sequence's last non-pad token, batched by length."""
+    return forward_by_length(model, sequences, pad_id, batch_size, side, read=lambda out: out.logits[:, 0])
+
+
+@torch.no_grad()
+def forward_by_length(
+    model,
+    sequences: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    side: str,
+    read: Callable[[Any], torch.Tensor],
+) -> torch.Tensor:
+    """`read(model output)` for every sequence, [N, ...] in the given order, run in batches of similar length."""
     device = next(model.parameters()).device
     # Encoders read the score at their first token ([CLS]); left padding would put a pad there, so pad right.
     encoder = getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "deberta-v2")
     side = "right" if encoder else side
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    scores = torch.empty(len(sequences), dtype=torch.float32)
+    values = torch.empty(0)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_batch([sequences[i] for i in chunk], pad_id, side)
         kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if not encoder:
             kwargs["position_ids"] = position_ids_from(mask).to(device)
-        scores[chunk] = model(**kwargs).logits[:, 0].float().cpu()
-    return scores
+        value = read(model(**kwargs)).float().cpu()
+        if start == 0:
+            values = torch.empty((len(sequences), *value.shape[1:]), dtype=torch.float32)
+        values[chunk] = value
+    return values
 
 
 @dataclass

@@ -25,7 +25,11 @@ from rlhf.reward_model import (
     GroupWeightedRewardTrainer,
     PreferenceCollator,
     RewardStageConfig,
+    cross_validated_l2,
     encode_pairs,
+    fit_linear_probe,
+    head_inputs,
+    init_score_head,
     main,
     pair_metrics,
     parameter_learning_rate,
@@ -330,6 +334,8 @@ def test_shipped_reward_configs_parse(path):
         ({"context_turns": 0}, "context_turns: expected 1 or more"),
         ({"head_learning_rate": 0}, "head_learning_rate: expected a positive number"),
         ({"layer_lr_decay": 0}, "layer_lr_decay: expected a positive number"),
+        ({"head_init": "normal"}, "head_init: expected one of random, zero, linear_probe"),
+        ({"head_init": "zero", "use_lora": True}, "head_init: set the score head of a full model"),
     ],
 )
 def test_split_and_policy_fields_are_checked(tmp_path, overrides, message):
@@ -417,6 +423,93 @@ def test_per_parameter_rates_under_a_deepspeed_optimizer_or_schedule_exit_2_befo
     else:
         assert f"the DeepSpeed config defines its own ({own})" in result.stderr
         assert not (tmp_path / "rm").exists()
+
+
+def test_linear_probe_meets_its_optimality_condition_on_hand_examples():
+    """One feature: the probe v minimises mean_w softplus(-d v) + l2 v^2, so its derivative vanishes there.
+    All four pairs differ by d = 1 (l2 0.25): sigmoid(-v) = 2 l2 v, v = 0.6749 by hand (bisection). Pairs d = 1
+    weighted 3 and d = -1 weighted 1 (l2 0.1): (-3 sigmoid(-v) + sigmoid(v)) / 4 + 2 l2 v = 0."""
+    v = fit_linear_probe(torch.ones(4, 1), torch.zeros(4, 1), torch.ones(4), l2=0.25)
+    assert v.shape == (1,) and v.item() == pytest.approx(0.6749, abs=1e-4)
+    v = fit_linear_probe(
+        torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]]), torch.tensor([3.0, 1.0]), 0.1
+    )
+    gradient = (-3 * torch.sigmoid(-v) + torch.sigmoid(v)) / 4 + 2 * 0.1 * v
+    assert v.item() > 0 and gradient.abs().item() < 1e-5
+
+
+def test_cross_validation_picks_the_l2_that_ranks_held_out_pairs_best():
+    """Pairs differ along feature 0 (with 20% of labels flipped) and by noise in 30 more: a light L2 fits the
+    noise of 60 pairs, so some heavier weight wins; when every weight ranks all pairs right, the heaviest wins."""
+    from rlhf.reward_model import PROBE_L2_GRID
+
+    generator = torch.Generator().manual_seed(0)
+    difference = torch.randn(60, 31, generator=generator)
+    difference[:, 0] = torch.where(torch.rand(60, generator=generator) < 0.8, 1.0, -1.0)
+    l2, accuracy = cross_validated_l2(difference, torch.zeros(60, 31), torch.ones(60), seed=0)
+    assert set(accuracy) == set(PROBE_L2_GRID) and accuracy[l2] == max(accuracy.values())
+    assert accuracy[l2] > accuracy[PROBE_L2_GRID[0]]
+    assert cross_validated_l2(torch.ones(10, 2), torch.zeros(10, 2), torch.ones(10), seed=0)[0] == max(
+        PROBE_L2_GRID
+    )
+
+
+@pytest.mark.parametrize("backbone", ["decoder", "bert-last-turn"])
+def test_head_init_sets_the_score_head_to_the_probe_of_what_it_reads(tmp_path, tiny_model_dir, backbone):
+    """`head_inputs` is exactly what the score head reads (the model's scores are those features @ weight + bias,
+    for a decoder at its last real token); `linear_probe` puts the cross-validated probe there, and `zero` a
+    head that scores every text 0."""
+    if backbone == "decoder":
+        base, tokenizer = tiny_model_dir, load_tokenizer(tiny_model_dir)
+    else:
+        base, tokenizer = tiny_bert(tmp_path / "tiny-bert")
+    pooling = "model" if backbone == "decoder" else "last_turn"
+    config = reward_config(tmp_path, base, head_init="linear_probe", pooling=pooling, score_batch_size=8)
+    pairs = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+              "rejected": [{"role": "assistant", "content": r["rejected"]}], "group": i, "margin": None}
+             for i, r in enumerate(keyword_pairs(40, seed=3))]  # fmt: skip
+    rows = encode_pairs(tokenizer, pairs, config, Report())
+    model = load_scalar_model(base, tokenizer, pooling=pooling).train()
+    chosen, rejected = (
+        head_inputs(model, [r[k] for r in rows], tokenizer.pad_token_id, 8)
+        for k in ("chosen_ids", "rejected_ids")
+    )
+    assert chosen.shape == (40, model.config.hidden_size) and model.training  # fmt: skip
+    metrics = init_score_head(model, rows, config, tokenizer.pad_token_id)
+    head = model.score if backbone == "decoder" else model.classifier
+    l2, accuracy = cross_validated_l2(chosen, rejected, torch.ones(40), seed=0)
+    assert metrics == {"probe_l2": l2, "probe_cv_accuracy": accuracy[l2]}
+    torch.testing.assert_close(head.weight[0], fit_linear_probe(chosen, rejected, torch.ones(40), l2))
+    scores = score_ids(model.eval(), [r["chosen_ids"] for r in rows], tokenizer.pad_token_id, batch_size=8)
+    bias = head.bias if head.bias is not None else 0.0
+    torch.testing.assert_close(scores, (chosen @ head.weight[0] + bias).detach(), rtol=1e-4, atol=1e-4)
+    init_score_head(model, rows, reward_config(tmp_path, base, head_init="zero"), tokenizer.pad_token_id)
+    assert not score_ids(model, [r["chosen_ids"] for r in rows], tokenizer.pad_token_id).any()
+
+
+def test_linear_probe_head_trains_through_the_stage_and_reports_the_probe(tmp_path):
+    from rlhf.reward_model import PROBE_L2_GRID
+
+    base, _ = tiny_bert(tmp_path / "tiny-bert")
+    config = reward_config(tmp_path, base, head_init="linear_probe", pooling="mean")
+    metrics = main(config)
+    assert metrics["eval_accuracy"] > 0.9 and metrics["probe_l2"] in PROBE_L2_GRID
+    recorded = read_manifest(config.output_dir, "reward")
+    assert recorded["metrics"]["probe_cv_accuracy"] == metrics["probe_cv_accuracy"]
+    assert recorded["config"]["head_init"] == "linear_probe"
+
+
+def test_linear_probe_under_zero_3_exits_2_before_a_model_loads(tmp_path):
+    """ZeRO-3 partitions the weights as they load; the probe's forward pass before the Trainer needs them whole."""
+    ds = write_jsonl(tmp_path / "ds.json", [{"zero_optimization": {"stage": 3}}])
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(4, seed=0))
+    args = ["reward", "--model_name_or_path", str(tmp_path / "no-model"), "--train_data", str(pairs),
+            "--output_dir", str(tmp_path / "rm"), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
+    result = run_cli(*args, "--head_init", "linear_probe", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "head_init: 'linear_probe' needs the whole model on each rank" in result.stderr
+    assert not (tmp_path / "rm").exists()
 
 
 def test_parameter_learning_rates_by_name():
