@@ -149,4 +149,6 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    from rlhf.cli import exit_process
+
+    exit_process(cli(sys.argv[1:]))

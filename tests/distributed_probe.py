@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf import reward_model, sft
+from rlhf.cli import exit_process
 from rlhf.trainer_stage import CommitMarkerCallback
 
 STAGES = {"sft": sft, "reward": reward_model}
@@ -180,7 +181,7 @@ def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
 if __name__ == "__main__":
     probe_dir, stage, *argv = sys.argv[1:]
     if stage == "ppo":
-        sys.exit(run_ppo(probe_dir, argv, os.environ.get("PROBE_NAN_AT")))
+        exit_process(run_ppo(probe_dir, argv, os.environ.get("PROBE_NAN_AT")))
     module = STAGES[stage]
     module.CommitMarkerCallback = make_probe(probe_dir)
-    sys.exit(module.cli(argv))
+    exit_process(module.cli(argv))

@@ -2,6 +2,7 @@
 
 import sys
 
+from rlhf.cli import exit_process
 from rlhf.ppo.stage import cli
 
-sys.exit(cli(sys.argv[1:]))
+exit_process(cli(sys.argv[1:]))
