@@ -172,5 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(importlib.import_module(module), function)(rest)
 
 
-if __name__ == "__main__":
+def entry() -> NoReturn:
+    """The `rlhf` console script."""
     exit_process(main())
+
+
+if __name__ == "__main__":
+    entry()
