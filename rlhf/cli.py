@@ -70,7 +70,8 @@ def exit_process(code: int) -> NoReturn:
     `atexit` handlers: loggers, trackers, temporary files) and the process then ends without destroying the
     remaining C++ objects. Under DeepSpeed ZeRO-3 on CPU that destruction has, rarely, aborted a rank after the run
     had finished and saved ("terminate called without an active exception"); the launcher then fails the whole
-    finished job. Nothing is left to write by then: every rank has passed the stage's final barrier.
+    finished job. Nothing is left to write by then: the command has returned, and a stage that succeeded has
+    committed its outputs after every rank passed its final barrier.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(code)
