@@ -161,11 +161,7 @@ class RewardStageConfig(ModelFields, RewardConfig):
         own = [
             k for k in ("optimizer", "scheduler") if deepspeed is not None and k in deepspeed.deepspeed_config
         ]
-        zero_3 = (
-            deepspeed is not None
-            and deepspeed.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-        )
-        if self.head_init == "linear_probe" and zero_3:
+        if self.head_init == "linear_probe" and getattr(deepspeed, "zero_stage", None) == 3:
             # The probe runs the loaded model before the Trainer exists; under ZeRO-3 its weights are partitioned.
             raise ConfigError(
                 "head_init: 'linear_probe' needs the whole model on each rank; not under ZeRO-3"

@@ -89,19 +89,17 @@ def forward_by_length(
     # Encoders read the score at their first token ([CLS]); left padding would put a pad there, so pad right.
     encoder = getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "deberta-v2")
     side = "right" if encoder else side
+    if not sequences:
+        return torch.empty(0)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    values = torch.empty(0)
+    outputs = []
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        ids, mask = pad_batch([sequences[i] for i in chunk], pad_id, side)
+        ids, mask = pad_batch([sequences[i] for i in order[start : start + batch_size]], pad_id, side)
         kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if not encoder:
             kwargs["position_ids"] = position_ids_from(mask).to(device)
-        value = read(model(**kwargs)).float().cpu()
-        if start == 0:
-            values = torch.empty((len(sequences), *value.shape[1:]), dtype=torch.float32)
-        values[chunk] = value
-    return values
+        outputs.append(read(model(**kwargs)).float().cpu())
+    return torch.cat(outputs)[torch.tensor(order).argsort()]  # back from length order to the given order
 
 
 @dataclass

@@ -53,14 +53,18 @@ def arithmetic_dialogues(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def make_tiny_model(root: Path) -> str:
+    """The tests' tiny decoder and its tokenizer, trained on arithmetic dialogues, saved in `root/model`."""
     from rlhf.models import TinySize, init_tiny
 
-    root = tmp_path_factory.mktemp("tiny")
     corpus = write_jsonl(root / "corpus.jsonl", arithmetic_dialogues(200))
     size = TinySize(hidden_size=64, layers=2, heads=2, intermediate_size=128, vocab_size=400)
     return init_tiny(str(root / "model"), size, [str(corpus)])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

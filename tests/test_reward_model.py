@@ -465,9 +465,7 @@ def test_head_init_sets_the_score_head_to_the_probe_of_what_it_reads(tmp_path, t
         base, tokenizer = tiny_bert(tmp_path / "tiny-bert")
     pooling = "model" if backbone == "decoder" else "last_turn"
     config = reward_config(tmp_path, base, head_init="linear_probe", pooling=pooling, score_batch_size=8)
-    pairs = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-              "rejected": [{"role": "assistant", "content": r["rejected"]}], "group": i, "margin": None}
-             for i, r in enumerate(keyword_pairs(40, seed=3))]  # fmt: skip
+    pairs, _ = load_preferences(str(write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(40, seed=3))))
     rows = encode_pairs(tokenizer, pairs, config, Report())
     model = load_scalar_model(base, tokenizer, pooling=pooling).train()
     chosen, rejected = (
