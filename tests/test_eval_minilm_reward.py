@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import REPO
 
@@ -40,16 +42,13 @@ def hh_config(tmp_path, fold_rows: int = 300) -> RewardStageConfig:
 
 def test_the_last_fold_is_the_shipped_split_and_fold_zero_holds_out_the_first_rows(tmp_path):
     config = hh_config(tmp_path)
-    last = write_fold(config, 5)
-    assert open(last, encoding="utf-8").read() == HH_DEV.read_text(encoding="utf-8")
+    original = HH_DEV.read_text(encoding="utf-8")
+    assert Path(write_fold(config, 5)).read_text(encoding="utf-8") == original
 
-    first = write_fold(config, 0)
-    config.train_data = [first]
+    config.train_data = [write_fold(config, 0)]
     train, held, report, eval_report = load_pairs(config)
-    original = HH_DEV.read_text(encoding="utf-8").splitlines()
-    held_out_rows = {line for line in original[:300]}
-    fold_lines = open(first, encoding="utf-8").read().splitlines()
-    assert set(fold_lines[-300:]) == held_out_rows
+    fold_lines = Path(config.train_data[0]).read_text(encoding="utf-8").splitlines()
+    assert fold_lines[-300:] == original.splitlines()[:300]
     assert eval_report.rows == 300
     # Training keeps the other 1,500 rows, less those that open an eval conversation (dropped and counted).
     dropped = sum(report.counts()["dropped"].values())
