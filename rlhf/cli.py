@@ -89,8 +89,16 @@ def data_validate(argv: list[str]) -> int:
     )
     parser.add_argument("--kind", required=True, choices=["sft", "pairs", "prompts"])
     parser.add_argument("--tokenizer", help="Tokenizer path: adds length percentiles in tokens.")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        help="With --kind pairs and --tokenizer: count the pairs the reward stage would cut to this many tokens, "
+        "and those where even the last user turn and the answer do not fit (the request itself is cut).",
+    )
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
+    if args.max_length is not None and (args.kind != "pairs" or not args.tokenizer):
+        parser.error("--max_length needs --kind pairs and --tokenizer")
 
     def action() -> None:
         from rlhf.data import LOADERS, summarise
@@ -102,6 +110,16 @@ def data_validate(argv: list[str]) -> int:
 
             tokenizer = load_tokenizer(args.tokenizer)
         summary = summarise(args.kind, rows, tokenizer)
+        if args.max_length is not None:
+            from rlhf.rewards import scored_length
+
+            summary["over_max_length"] = {
+                "max_length": args.max_length,
+                "pairs": sum(scored_length(tokenizer, r) > args.max_length for r in rows),
+                "last_user_turn_and_answer": sum(
+                    scored_length(tokenizer, r, 1) > args.max_length for r in rows
+                ),
+            }
         summary.update(report.counts())
         summary["dropped_rows"] = [str(p) for p in report.dropped_at]
         print(json.dumps(summary, indent=2))

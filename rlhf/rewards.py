@@ -53,6 +53,14 @@ def encode_for_scoring(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
+def scored_length(tokenizer, pair: dict, context_turns: int | None = None) -> int:
+    """Tokens the reward model reads for the longer side of a pair, before truncation."""
+    return max(
+        len(encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair[key], context_turns)))
+        for key in ("chosen", "rejected")
+    )
+
+
 def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
     """The last `max_length` tokens: the answer and its EOS (where a decoder's score is read) outlast the prompt's
     start. A leading [CLS] or BOS the tokenizer added stays: an encoder reads its score there."""

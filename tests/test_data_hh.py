@@ -26,6 +26,23 @@ def hh_pairs():
     return load_preferences(str(HH_DEV))
 
 
+def validate(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "rlhf.cli", "data", "validate", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+
+
+def stage_config(max_length: int):
+    from rlhf.reward_model import RewardStageConfig
+
+    return RewardStageConfig(
+        model_name_or_path="unused",
+        train_data=["unused"],
+        output_dir="unused",
+        max_length=max_length,
+        report_to="none",
+    )
+
+
 def lines_of(rows: list[dict]) -> list[int]:
     return [int(r["source"].rpartition(":")[2]) for r in rows]
 
@@ -46,12 +63,7 @@ def test_every_row_is_kept_as_a_pair_with_its_empty_answers(hh_pairs):
 
 def test_validate_command_accepts_the_dev_file_as_pairs_and_as_demonstrations():
     for kind in ("pairs", "sft"):
-        result = subprocess.run(
-            [sys.executable, "-m", "rlhf.cli", "data", "validate", "--kind", kind, str(HH_DEV)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
+        result = validate("--kind", kind, str(HH_DEV))
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
         assert (summary["rows"], summary["kept"], summary["dropped"]) == (1800, 1800, {})
@@ -65,19 +77,12 @@ def test_chosen_transcripts_read_as_multi_turn_demonstrations():
 
 
 def test_empty_answers_are_tokenised_ending_with_eos(hh_pairs, tiny_tokenizer):
-    from rlhf.reward_model import RewardStageConfig, encode_pairs
+    from rlhf.reward_model import encode_pairs
 
     pairs, _ = hh_pairs
     empty = [p for p in pairs if p["chosen"][-1]["content"] == ""]
-    config = RewardStageConfig(
-        model_name_or_path="unused",
-        train_data=["unused"],
-        output_dir="unused",
-        max_length=64,
-        report_to="none",
-    )
     report = Report()
-    rows = encode_pairs(tiny_tokenizer, empty, config, report)
+    rows = encode_pairs(tiny_tokenizer, empty, stage_config(max_length=64), report)
     eos = tiny_tokenizer.eos_token_id
     assert len(rows) == 4 and report.empty_answers == 4
     assert all(r["chosen_ids"][-1] == eos and r["rejected_ids"][-1] == eos for r in rows)
@@ -135,3 +140,26 @@ def test_the_random_split_keeps_each_conversation_on_one_side(hh_pairs):
         assert not {conversation_key(p) for p in train} & {conversation_key(p) for p in evaluation}
         assert len(train) + len(evaluation) == 1800 and 150 < len(evaluation) < 210
         assert report.rows + eval_report.rows == 1800 and eval_report.rows == len(evaluation)
+
+
+def test_validate_counts_the_pairs_the_reward_stage_would_cut(hh_pairs, tmp_path_factory):
+    """`--max_length` counts what the stage truncates: the same number the stage's own report gives."""
+    from safety_support import minilm_tokenizer_dir
+
+    from rlhf.models import load_tokenizer
+    from rlhf.reward_model import encode_pairs
+
+    tokenizer_dir = minilm_tokenizer_dir(tmp_path_factory)
+    result = validate(
+        "--kind", "pairs", "--tokenizer", str(tokenizer_dir), "--max_length", "128", str(HH_DEV)
+    )
+    assert result.returncode == 0, result.stderr
+    over = json.loads(result.stdout)["over_max_length"]
+    report = Report()
+    encode_pairs(load_tokenizer(str(tokenizer_dir)), hh_pairs[0], stage_config(max_length=128), report)
+    assert over["pairs"] == report.truncated == 1114
+    # Fewer pairs lose part of the last request than lose anything, but some do.
+    assert 0 < over["last_user_turn_and_answer"] == 312 < over["pairs"]
+    # Without a tokenizer there is nothing to count with: a usage error, before any data is read.
+    result = validate("--kind", "pairs", "--max_length", "128", str(HH_DEV))
+    assert result.returncode == 2 and "--max_length needs --kind pairs and --tokenizer" in result.stderr
