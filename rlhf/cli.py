@@ -111,14 +111,17 @@ def data_validate(argv: list[str]) -> int:
             tokenizer = load_tokenizer(args.tokenizer)
         summary = summarise(args.kind, rows, tokenizer)
         if args.max_length is not None:
-            from rlhf.rewards import scored_length
+            from rlhf.rewards import encode_pair
+
+            def cut(context_turns: int | None) -> int:
+                return sum(
+                    max(map(len, encode_pair(tokenizer, r, context_turns))) > args.max_length for r in rows
+                )
 
             summary["over_max_length"] = {
                 "max_length": args.max_length,
-                "pairs": sum(scored_length(tokenizer, r) > args.max_length for r in rows),
-                "last_user_turn_and_answer": sum(
-                    scored_length(tokenizer, r, 1) > args.max_length for r in rows
-                ),
+                "pairs": cut(None),
+                "last_user_turn_and_answer": cut(1),
             }
         summary.update(report.counts())
         summary["dropped_rows"] = [str(p) for p in report.dropped_at]

@@ -46,7 +46,7 @@ from rlhf.pooling import POOLINGS
 from rlhf.rewards import (
     Normalizer,
     RewardModelScorer,
-    encode_for_scoring,
+    encode_pair,
     forward_by_length,
     keep_end,
     reward_text,
@@ -192,12 +192,7 @@ def encode_pairs(
     group_sizes = Counter(pair["group"] for pair in pairs)
     encoded, empty_answers = [], 0
     for pair in pairs:
-        chosen, rejected = (
-            encode_for_scoring(
-                tokenizer, reward_text(tokenizer, pair["prompt"], pair[key], config.context_turns)
-            )
-            for key in ("chosen", "rejected")
-        )
+        chosen, rejected = encode_pair(tokenizer, pair, config.context_turns)
         if config.max_length and max(len(chosen), len(rejected)) > config.max_length:
             if config.overflow == "drop":
                 report.drop("over max_length")

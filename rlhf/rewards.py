@@ -53,12 +53,13 @@ def encode_for_scoring(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
-def scored_length(tokenizer, pair: dict, context_turns: int | None = None) -> int:
-    """Tokens the reward model reads for the longer side of a pair, before truncation."""
-    return max(
-        len(encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair[key], context_turns)))
+def encode_pair(tokenizer, pair: dict, context_turns: int | None = None) -> tuple[list[int], list[int]]:
+    """The chosen and rejected token ids the reward model reads, before truncation."""
+    chosen, rejected = (
+        encode_for_scoring(tokenizer, reward_text(tokenizer, pair["prompt"], pair[key], context_turns))
         for key in ("chosen", "rejected")
     )
+    return chosen, rejected
 
 
 def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
