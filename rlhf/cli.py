@@ -111,17 +111,12 @@ def data_validate(argv: list[str]) -> int:
             tokenizer = load_tokenizer(args.tokenizer)
         summary = summarise(args.kind, rows, tokenizer)
         if args.max_length is not None:
-            from rlhf.rewards import encode_pair
+            from rlhf.rewards import encode_pair, overflows
 
-            def cut(context_turns: int | None) -> int:
-                return sum(
-                    max(map(len, encode_pair(tokenizer, r, context_turns))) > args.max_length for r in rows
-                )
-
-            summary["over_max_length"] = {
-                "max_length": args.max_length,
-                "pairs": cut(None),
-                "last_user_turn_and_answer": cut(1),
+            # The whole pair as the stage reads it, then only the last user turn and the answer (context_turns 1).
+            summary["over_max_length"] = {"max_length": args.max_length} | {
+                name: sum(overflows(encode_pair(tokenizer, r, turns), args.max_length) for r in rows)
+                for name, turns in (("pairs", None), ("last_user_turn_and_answer", 1))
             }
         summary.update(report.counts())
         summary["dropped_rows"] = [str(p) for p in report.dropped_at]

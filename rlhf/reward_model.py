@@ -49,6 +49,7 @@ from rlhf.rewards import (
     encode_pair,
     forward_by_length,
     keep_end,
+    overflows,
     reward_text,
     score_ids,
     scoring_ids,
@@ -193,7 +194,7 @@ def encode_pairs(
     encoded, empty_answers = [], 0
     for pair in pairs:
         chosen, rejected = encode_pair(tokenizer, pair, config.context_turns)
-        if config.max_length and max(len(chosen), len(rejected)) > config.max_length:
+        if overflows((chosen, rejected), config.max_length):
             if config.overflow == "drop":
                 report.drop("over max_length")
                 continue

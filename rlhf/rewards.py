@@ -62,6 +62,12 @@ def encode_pair(tokenizer, pair: dict, context_turns: int | None = None) -> tupl
     return chosen, rejected
 
 
+def overflows(pair_ids: tuple[list[int], list[int]], max_length: int | None) -> bool:
+    """Whether the reward stage cuts (or, with `overflow: drop`, drops) this pair: its longer side is over
+    `max_length`. `rlhf data validate --max_length` counts with the same test."""
+    return bool(max_length) and max(map(len, pair_ids)) > max_length
+
+
 def keep_end(tokenizer, ids: list[int], max_length: int | None) -> list[int]:
     """The last `max_length` tokens: the answer and its EOS (where a decoder's score is read) outlast the prompt's
     start. A leading [CLS] or BOS the tokenizer added stays: an encoder reads its score there."""

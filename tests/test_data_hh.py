@@ -31,7 +31,7 @@ def validate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
 
 
-def stage_config(max_length: int):
+def stage_config(max_length: int, **overrides):
     from rlhf.reward_model import RewardStageConfig
 
     return RewardStageConfig(
@@ -40,6 +40,7 @@ def stage_config(max_length: int):
         output_dir="unused",
         max_length=max_length,
         report_to="none",
+        **overrides,
     )
 
 
@@ -155,11 +156,14 @@ def test_validate_counts_the_pairs_the_reward_stage_would_cut(hh_pairs, tmp_path
     )
     assert result.returncode == 0, result.stderr
     over = json.loads(result.stdout)["over_max_length"]
-    report = Report()
-    encode_pairs(load_tokenizer(str(tokenizer_dir)), hh_pairs[0], stage_config(max_length=128), report)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    report, last_turn_report = Report(), Report()
+    encode_pairs(tokenizer, hh_pairs[0], stage_config(max_length=128), report)
+    encode_pairs(tokenizer, hh_pairs[0], stage_config(max_length=128, context_turns=1), last_turn_report)
     assert over["pairs"] == report.truncated == 1114
-    # Fewer pairs lose part of the last request than lose anything, but some do.
-    assert 0 < over["last_user_turn_and_answer"] == 312 < over["pairs"]
+    # Fewer pairs lose part of the last request than lose anything, but some do; the stage reading only the
+    # last user turn cuts exactly those.
+    assert 0 < over["last_user_turn_and_answer"] == last_turn_report.truncated == 312 < over["pairs"]
     # Without a tokenizer there is nothing to count with: a usage error, before any data is read.
     result = validate("--kind", "pairs", "--max_length", "128", str(HH_DEV))
     assert result.returncode == 2 and "--max_length needs --kind pairs and --tokenizer" in result.stderr
