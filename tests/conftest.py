@@ -14,11 +14,24 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
+# Child processes: offline, with tests/ importable (stand-in models and probes live there).
+CHILD_ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m rlhf.cli ARGS` from the repository root, as a user runs it; `env` adds to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**CHILD_ENV, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def launch_two_processes(module: str, argv: list[str], timeout: int) -> subprocess.CompletedProcess:
     """`accelerate launch` of a stage module in 2 CPU processes (torchrun, gloo), with tests/ importable."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable,
         "-m",
@@ -29,7 +42,7 @@ def launch_two_processes(module: str, argv: list[str], timeout: int) -> subproce
         module,
         *argv,
     ]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=CHILD_ENV, timeout=timeout)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

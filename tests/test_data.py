@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import run_cli, write_jsonl
 
 from rlhf import data
 from rlhf.data import DataError, load_demonstrations, load_preferences, load_prompts
@@ -131,12 +129,7 @@ def test_all_problems_are_collected_in_one_pass(tmp_path):
 def test_validate_command_exits_2_with_path_line_and_no_traceback(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", "data", "validate", "--kind", "pairs", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    result = run_cli("data", "validate", "--kind", "pairs", str(path))
     assert result.returncode == 2
     assert f"{path}:2: malformed JSON" in result.stderr
     assert "Traceback" not in result.stderr
@@ -144,23 +137,7 @@ def test_validate_command_exits_2_with_path_line_and_no_traceback(tmp_path):
 
 def test_validate_command_summarises_good_data(tmp_path, tiny_model_dir):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "category": "allowed"}] * 3)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlhf.cli",
-            "data",
-            "validate",
-            "--kind",
-            "prompts",
-            "--tokenizer",
-            tiny_model_dir,
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    result = run_cli("data", "validate", "--kind", "prompts", "--tokenizer", tiny_model_dir, str(path))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["examples"] == 3 and summary["categories"] == {"allowed": 3}

@@ -8,11 +8,9 @@ conversation with training.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from rlhf import data
 from rlhf.data import Report, conversation_key, load_demonstrations, load_preferences, split_last_rows
@@ -24,11 +22,6 @@ EMPTY_ANSWER_LINES = [87, 517, 926, 1104]
 @pytest.fixture(scope="module")
 def hh_pairs():
     return load_preferences(str(HH_DEV))
-
-
-def validate(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "rlhf.cli", "data", "validate", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
 
 
 def stage_config(max_length: int, **overrides):
@@ -64,7 +57,7 @@ def test_every_row_is_kept_as_a_pair_with_its_empty_answers(hh_pairs):
 
 def test_validate_command_accepts_the_dev_file_as_pairs_and_as_demonstrations():
     for kind in ("pairs", "sft"):
-        result = validate("--kind", kind, str(HH_DEV))
+        result = run_cli("data", "validate", "--kind", kind, str(HH_DEV))
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
         assert (summary["rows"], summary["kept"], summary["dropped"]) == (1800, 1800, {})
@@ -151,8 +144,16 @@ def test_validate_counts_the_pairs_the_reward_stage_would_cut(hh_pairs, tmp_path
     from rlhf.reward_model import encode_pairs
 
     tokenizer_dir = minilm_tokenizer_dir(tmp_path_factory)
-    result = validate(
-        "--kind", "pairs", "--tokenizer", str(tokenizer_dir), "--max_length", "128", str(HH_DEV)
+    result = run_cli(
+        "data",
+        "validate",
+        "--kind",
+        "pairs",
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--max_length",
+        "128",
+        str(HH_DEV),
     )
     assert result.returncode == 0, result.stderr
     over = json.loads(result.stdout)["over_max_length"]
@@ -165,5 +166,5 @@ def test_validate_counts_the_pairs_the_reward_stage_would_cut(hh_pairs, tmp_path
     # last user turn cuts exactly those.
     assert 0 < over["last_user_turn_and_answer"] == last_turn_report.truncated == 312 < over["pairs"]
     # Without a tokenizer there is nothing to count with: a usage error, before any data is read.
-    result = validate("--kind", "pairs", "--max_length", "128", str(HH_DEV))
+    result = run_cli("data", "validate", "--kind", "pairs", "--max_length", "128", str(HH_DEV))
     assert result.returncode == 2 and "--max_length needs --kind pairs and --tokenizer" in result.stderr

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import run_cli
 
 from rlhf.models import ModelLoadError, check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 
@@ -32,29 +30,21 @@ def test_init_tiny_command_writes_a_loadable_model(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"prompt": "hello there", "completion": "general kenobi"}\n')
     out = tmp_path / "m"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlhf.cli",
-            "init-tiny",
-            str(out),
-            "--hidden-size",
-            "32",
-            "--layers",
-            "1",
-            "--heads",
-            "2",
-            "--intermediate-size",
-            "64",
-            "--vocab-size",
-            "300",
-            "--corpus",
-            str(corpus),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_cli(
+        "init-tiny",
+        str(out),
+        "--hidden-size",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--intermediate-size",
+        "64",
+        "--vocab-size",
+        "300",
+        "--corpus",
+        str(corpus),
     )
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))

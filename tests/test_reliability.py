@@ -17,15 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, arithmetic_dialogues, launch_two_processes, write_jsonl
+from conftest import CHILD_ENV, REPO, arithmetic_dialogues, launch_two_processes, run_cli, write_jsonl
 from test_data import BAD_CASES
 from test_ppo import ppo_config
 
 from rlhf import cli
 from rlhf.checkpoint import COMMIT_MARKER, HandoffError, committed_checkpoints
 from rlhf.ppo import TrainingAborted, build_run, main
-
-ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "HF_HUB_OFFLINE": "1"}
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -41,23 +39,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
-def run_cli(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", *argv],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=timeout,
-    )
-
-
 def kill_after_first_checkpoint(argv: list[str], checkpoints: Path, timeout: float = 300) -> None:
     """Start a run, SIGKILL it as soon as its first checkpoint is committed (well before it ends)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "rlhf.cli", *argv],
         cwd=REPO,
-        env=ENV,
+        env=CHILD_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -120,11 +107,11 @@ def reward_args(tmp_path: Path, model_dir: str, out: Path) -> list[str]:
 @pytest.mark.parametrize("stage_args", [sft_args, reward_args], ids=["sft", "reward"])
 def test_trainer_stage_killed_and_resumed_matches_uninterrupted(tmp_path, tiny_model_dir, stage_args):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    result = run_cli(stage_args(tmp_path, tiny_model_dir, full))
+    result = run_cli(*stage_args(tmp_path, tiny_model_dir, full))
     assert result.returncode == 0, result.stderr[-2000:]
     kill_after_first_checkpoint(stage_args(tmp_path, tiny_model_dir, killed), killed)
     assert not (killed / "manifest.json").exists()  # a killed run never looks finished
-    result = run_cli([*stage_args(tmp_path, tiny_model_dir, killed), "--resume_from_checkpoint", "auto"])
+    result = run_cli(*stage_args(tmp_path, tiny_model_dir, killed), "--resume_from_checkpoint", "auto")
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_weights(full, killed)
 
@@ -155,10 +142,10 @@ def test_ppo_killed_and_resumed_matches_uninterrupted_including_next_rollout(tmp
         "use_cpu": "true",
     }
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run_cli(["ppo", *args({**base, "output_dir": full})]).returncode == 0
+    assert run_cli("ppo", *args({**base, "output_dir": full})).returncode == 0
     kill_after_first_checkpoint(["ppo", *args({**base, "output_dir": killed})], killed / "checkpoints")
     resumed_from = int(committed_checkpoints(killed / "checkpoints")[-1].name.split("-")[1])
-    result = run_cli(["ppo", *args({**base, "output_dir": killed, "resume_from_checkpoint": "auto"})])
+    result = run_cli("ppo", *args({**base, "output_dir": killed, "resume_from_checkpoint": "auto"}))
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_weights(full, killed)
     # The rollout right after the resume point sampled the same tokens as the uninterrupted run's.
@@ -199,7 +186,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_resume_skips_the_pa
 def test_an_explicit_resume_path_that_does_not_exist_is_an_error_naming_it(tmp_path, tiny_model_dir):
     missing = tmp_path / "nowhere" / "checkpoint-3"
     result = run_cli(
-        [*sft_args(tmp_path, tiny_model_dir, tmp_path / "out"), "--resume_from_checkpoint", str(missing)]
+        *sft_args(tmp_path, tiny_model_dir, tmp_path / "out"), "--resume_from_checkpoint", str(missing)
     )
     assert result.returncode == 2
     assert f"{missing} does not exist" in result.stderr and "Traceback" not in result.stderr
@@ -207,13 +194,11 @@ def test_an_explicit_resume_path_that_does_not_exist_is_an_error_naming_it(tmp_p
 
 def test_auto_resume_with_nothing_to_resume_starts_fresh_with_a_warning(tmp_path, tiny_model_dir):
     result = run_cli(
-        [
-            *sft_args(tmp_path, tiny_model_dir, tmp_path / "out"),
-            "--max_steps",
-            "2",
-            "--resume_from_checkpoint",
-            "auto",
-        ]
+        *sft_args(tmp_path, tiny_model_dir, tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--resume_from_checkpoint",
+        "auto",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no committed checkpoint" in result.stderr and "starting fresh" in result.stderr
@@ -316,19 +301,17 @@ def test_a_nan_reward_skips_updates_then_aborts_naming_the_update(tmp_path, tiny
 def test_sft_with_exploding_loss_aborts_and_commits_nothing_non_finite(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     result = run_cli(
-        [
-            *sft_args(tmp_path, tiny_model_dir, out),
-            "--learning_rate",
-            "1e12",
-            "--max_steps",
-            "30",
-            "--save_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--max_grad_norm",
-            "0",
-        ]
+        *sft_args(tmp_path, tiny_model_dir, out),
+        "--learning_rate",
+        "1e12",
+        "--max_steps",
+        "30",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--max_grad_norm",
+        "0",
     )
     assert result.returncode != 0
     assert "non-finite" in result.stderr
@@ -421,22 +404,8 @@ def test_a_pickled_payload_in_trainer_state_is_refused_and_never_runs(tmp_path, 
 def test_canary_secrets_never_reach_logs_configs_manifests_or_checkpoints(tmp_path, tiny_model_dir):
     canaries = {"HF_TOKEN": "hf_CANARY_4f9d2b7e", "WANDB_API_KEY": "wandb_CANARY_81c3aa05"}
     out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlhf.cli",
-            *sft_args(tmp_path, tiny_model_dir, out),
-            "--max_steps",
-            "4",
-            "--save_steps",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**ENV, **canaries},
-        timeout=300,
+    result = run_cli(
+        *sft_args(tmp_path, tiny_model_dir, out), "--max_steps", "4", "--save_steps", "2", env=canaries
     )
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout + result.stderr
@@ -447,7 +416,7 @@ def test_canary_secrets_never_reach_logs_configs_manifests_or_checkpoints(tmp_pa
         assert value not in text
     # A token written into a config is refused outright (the Trainer would pickle it into each checkpoint).
     refused = run_cli(
-        [*sft_args(tmp_path, tiny_model_dir, tmp_path / "o2"), "--hub_token", canaries["HF_TOKEN"]]
+        *sft_args(tmp_path, tiny_model_dir, tmp_path / "o2"), "--hub_token", canaries["HF_TOKEN"]
     )
     assert refused.returncode == 2 and "hub_token: secrets do not belong in configs" in refused.stderr
     assert canaries["HF_TOKEN"] not in refused.stderr
@@ -469,19 +438,17 @@ def test_a_training_command_on_bad_data_exits_2_before_loading_a_model(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "a"}\n')
     result = run_cli(
-        [
-            "reward",
-            "--model_name_or_path",
-            str(tmp_path / "no-model"),
-            "--train_data",
-            str(bad),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--use_cpu",
-            "true",
-            "--report_to",
-            "none",
-        ]
+        "reward",
+        "--model_name_or_path",
+        str(tmp_path / "no-model"),
+        "--train_data",
+        str(bad),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
     )
     assert result.returncode == 2
     assert f"{bad}:1: chosen: identical to rejected" in result.stderr and "Traceback" not in result.stderr

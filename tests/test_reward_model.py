@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
+from conftest import REPO, run_cli, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import parse_config
@@ -118,17 +115,6 @@ def encoded_texts(tokenizer, rows: list[dict], key: str) -> list[list[int]]:
         )
         for r in rows
     ]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture(scope="module")
