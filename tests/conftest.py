@@ -14,8 +14,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
-# Child processes: offline, with tests/ importable (stand-in models and probes live there).
-CHILD_ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "HF_HUB_OFFLINE": "1"}
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process: this one's as it is now (a test's `monkeypatch.setenv` included),
+    offline, with tests/ importable (stand-in models and probes live there), plus `extra`."""
+    tests_path = f"{REPO / 'tests'}{os.pathsep}{REPO}"
+    return {**os.environ, "PYTHONPATH": tests_path, "HF_HUB_OFFLINE": "1", **(extra or {})}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -25,7 +30,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**CHILD_ENV, **(env or {})},
+        env=child_env(env),
         timeout=timeout,
     )
 
@@ -42,7 +47,7 @@ def launch_two_processes(module: str, argv: list[str], timeout: int) -> subproce
         module,
         *argv,
     ]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=CHILD_ENV, timeout=timeout)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=timeout)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -10,7 +10,6 @@ committed checkpoint to the same weights as an uninterrupted run. Tiny model, 6 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, child_env
 from distributed_probe import parameter_hash
 
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -106,13 +105,7 @@ def run_launch(
         stage,
         *[item for key, value in args.items() for item in (f"--{key}", str(value))],
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        **(env or {}),
-    }
+    env = child_env({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})})
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
     )

@@ -16,7 +16,6 @@ tests of a module (one per ZeRO stage).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, child_env
 from distributed_probe import parameter_hash
 
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
@@ -105,14 +104,7 @@ def launch(zero: int, root: Path, model_dir: str, env: dict | None = None, **ove
         "ppo",
         *[item for key, value in args.items() for item in (f"--{key}", str(value))],
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}",
-        **(env or {}),
-    }
+    env = child_env({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})})
     done = subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
     )

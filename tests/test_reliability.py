@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHILD_ENV, REPO, arithmetic_dialogues, launch_two_processes, run_cli, write_jsonl
+from conftest import REPO, arithmetic_dialogues, child_env, launch_two_processes, run_cli, write_jsonl
 from test_data import BAD_CASES
 from test_ppo import ppo_config
 
@@ -44,7 +44,7 @@ def kill_after_first_checkpoint(argv: list[str], checkpoints: Path, timeout: flo
     process = subprocess.Popen(
         [sys.executable, "-m", "rlhf.cli", *argv],
         cwd=REPO,
-        env=CHILD_ENV,
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
