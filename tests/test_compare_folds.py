@@ -76,3 +76,52 @@ def test_eval_minilm_reward_appends_lines_that_compare_folds_reads(tmp_path, mon
              "--seed", str(seed)]
         )  # fmt: skip
     assert load_results(str(out)) == {(0, 0): (180, 300), (1, 2): (180, 300)}
+
+
+RECORD = REPO / "benchmarks" / "results" / "hh_reward_folds"
+
+
+def readme_fold_table() -> dict[str, dict[str, str]]:
+    """The README's fold table as row label -> column header -> cell, bold marks dropped."""
+    lines = [line.replace("**", "") for line in (REPO / "README.md").read_text().splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| held-out block"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table[cells[0].split(" (")[0]] = dict(zip(header, cells, strict=True))
+    return table
+
+
+def test_the_committed_fold_record_gives_the_readme_fold_table_and_its_paired_figures():
+    """Every per-run cell, per-block mean and unbiased mean of the README's shipped and 192-token columns, and the
+    paired figures quoted under the table, come from the runs kept in benchmarks/results/hh_reward_folds."""
+    table = readme_fold_table()
+    runs = {name: load_results(str(RECORD / f"{name}.jsonl")) for name in ("shipped", "max_length_192")}
+    columns = {"shipped": "shipped", "max_length_192": "`--max_length 192`"}
+    means = {"shipped": "shipped, mean", "max_length_192": "192, mean"}
+    for name, record in runs.items():
+        assert sorted(record) == [(fold, seed) for fold in range(6) for seed in range(3)]
+        for fold in range(6):
+            row = table[str(fold)]
+            accuracies = [correct / pairs for correct, pairs in (record[(fold, seed)] for seed in range(3))]
+            assert row[f"{columns[name]}, seeds 0 / 1 / 2"] == " / ".join(f"{a:.3f}" for a in accuracies)
+            assert row[means[name]] == f"{sum(accuracies) / 3:.3f}"
+        summary = describe(record, selection_fold=5)
+        mean_row = table["mean of blocks 0–4"]
+        assert mean_row[f"{columns[name]}, seeds 0 / 1 / 2"] == " / ".join(
+            f"{summary['by_seed'][seed]:.3f}" for seed in range(3)
+        )
+        assert mean_row[means[name]] == f"{summary['mean']:.3f}"
+    comparison = paired(runs["shipped"], runs["max_length_192"], selection_fold=5, effect=0.01)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    n = comparison["runs"]
+    assert f"won {comparison['won']} of the {n} block runs, tied {comparison['tied']} and lost" in readme
+    sd, se = comparison["sd"], comparison["se"]
+    assert (
+        f"the {n} seed-for-seed differences between 192 and 128 tokens have an SD of {sd:.3f}, a standard error of {se:.3f}"
+        in readme
+    )
+    assert f"needs about {comparison['runs_to_resolve_effect']} paired runs" in readme
