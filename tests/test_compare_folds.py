@@ -96,12 +96,12 @@ def readme_fold_table() -> dict[str, dict[str, str]]:
 
 
 def test_the_committed_fold_record_gives_the_readme_fold_table_and_its_paired_figures():
-    """Every per-run cell, per-block mean and unbiased mean of the README's shipped and 192-token columns, and the
-    paired figures quoted under the table, come from the runs kept in benchmarks/results/hh_reward_folds."""
+    """Every per-run cell, per-block mean and unbiased mean of the README's reference, shipped and 192-token columns,
+    and the paired figures quoted under the table, come from the runs kept in benchmarks/results/hh_reward_folds."""
     table = readme_fold_table()
-    runs = {name: load_results(str(RECORD / f"{name}.jsonl")) for name in ("shipped", "max_length_192")}
-    columns = {"shipped": "shipped", "max_length_192": "`--max_length 192`"}
-    means = {"shipped": "shipped, mean", "max_length_192": "192, mean"}
+    columns = {"reference": "reference", "shipped": "shipped", "max_length_192": "`--max_length 192`"}
+    means = {"reference": "reference, mean", "shipped": "shipped, mean", "max_length_192": "192, mean"}
+    runs = {name: load_results(str(RECORD / f"{name}.jsonl")) for name in columns}
     for name, record in runs.items():
         assert sorted(record) == [(fold, seed) for fold in range(6) for seed in range(3)]
         for fold in range(6):
@@ -115,8 +115,15 @@ def test_the_committed_fold_record_gives_the_readme_fold_table_and_its_paired_fi
             f"{summary['by_seed'][seed]:.3f}" for seed in range(3)
         )
         assert mean_row[means[name]] == f"{summary['mean']:.3f}"
-    comparison = paired(runs["shipped"], runs["max_length_192"], selection_fold=5, effect=0.01)
     readme = " ".join((REPO / "README.md").read_text().split())
+    against_reference = paired(runs["reference"], runs["shipped"], selection_fold=5, effect=0.01)
+    n, sd, se = against_reference["runs"], against_reference["sd"], against_reference["se"]
+    assert (
+        f"the shipped config won {against_reference['won']} of the {n} block runs, tied {against_reference['tied']} "
+        f"and lost {against_reference['lost']}, by {against_reference['mean_difference']:+.3f} on average "
+        f"(SD {sd:.3f}, standard error {se:.3f})" in readme
+    )
+    comparison = paired(runs["shipped"], runs["max_length_192"], selection_fold=5, effect=0.01)
     n = comparison["runs"]
     assert f"won {comparison['won']} of the {n} block runs, tied {comparison['tied']} and lost" in readme
     sd, se = comparison["sd"], comparison["se"]
