@@ -50,6 +50,33 @@ def launch_two_processes(module: str, argv: list[str], timeout: int) -> subproce
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=timeout)
 
 
+# The first DeepSpeed launch on a machine JIT-compiles its CPU shared-memory collectives (~3 min on 2 cores; cached
+# in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR afterwards), hence the margin.
+PROBE_LAUNCH_TIMEOUT_S = 600
+
+
+def launch_probe(
+    accelerate_config: Path, probe_dir: Path, stage: str, args: dict, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` of tests/distributed_probe.py for `stage` with `--key value` args; each rank writes what it
+    saw to `probe_dir`. One thread per rank, so two ranks on a 2-core machine do not fight over the cores."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config),
+        "tests/distributed_probe.py",
+        str(probe_dir),
+        stage,
+        *[item for key, value in args.items() for item in (f"--{key}", str(value))],
+    ]
+    env = child_env({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=PROBE_LAUNCH_TIMEOUT_S
+    )
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import REPO, write_jsonl
 
-from rlhf.data import DataError
+from rlhf.data import DataError, read_records
 from scripts import compare_folds, eval_minilm_reward
 from scripts.compare_folds import describe, load_results, paired
 
@@ -81,9 +81,9 @@ def test_eval_minilm_reward_appends_lines_that_compare_folds_reads(tmp_path, mon
 RECORD = REPO / "benchmarks" / "results" / "hh_reward_folds"
 
 
-def readme_fold_table() -> dict[str, dict[str, str]]:
+def readme_fold_table(readme: str) -> dict[str, dict[str, str]]:
     """The README's fold table as row label -> column header -> cell, bold marks dropped."""
-    lines = [line.replace("**", "") for line in (REPO / "README.md").read_text().splitlines()]
+    lines = [line.replace("**", "") for line in readme.splitlines()]
     start = next(i for i, line in enumerate(lines) if line.startswith("| held-out block"))
     header = [cell.strip() for cell in lines[start].strip("|").split("|")]
     table = {}
@@ -98,30 +98,54 @@ def readme_fold_table() -> dict[str, dict[str, str]]:
 def test_the_committed_fold_record_gives_the_readme_fold_table_and_its_paired_figures():
     """Every per-run cell, per-block mean and unbiased mean of the README's reference, shipped and 192-token columns,
     and the paired figures quoted under the table, come from the runs kept in benchmarks/results/hh_reward_folds."""
-    table = readme_fold_table()
-    columns = {"reference": "reference", "shipped": "shipped", "max_length_192": "`--max_length 192`"}
-    means = {"reference": "reference, mean", "shipped": "shipped, mean", "max_length_192": "192, mean"}
+    readme_text = (REPO / "README.md").read_text()
+    table = readme_fold_table(readme_text)
+    # record file -> the README's headers for its per-seed cells and its mean
+    columns = {
+        "reference": ("reference", "reference, mean"),
+        "shipped": ("shipped", "shipped, mean"),
+        "max_length_192": ("`--max_length 192`", "192, mean"),
+    }
     runs = {name: load_results(str(RECORD / f"{name}.jsonl")) for name in columns}
+    summaries = {name: describe(record, selection_fold=5) for name, record in runs.items()}
     for name, record in runs.items():
+        seeds_header, mean_header = f"{columns[name][0]}, seeds 0 / 1 / 2", columns[name][1]
         assert sorted(record) == [(fold, seed) for fold in range(6) for seed in range(3)]
         for fold in range(6):
             row = table[str(fold)]
             accuracies = [correct / pairs for correct, pairs in (record[(fold, seed)] for seed in range(3))]
-            assert row[f"{columns[name]}, seeds 0 / 1 / 2"] == " / ".join(f"{a:.3f}" for a in accuracies)
-            assert row[means[name]] == f"{sum(accuracies) / 3:.3f}"
-        summary = describe(record, selection_fold=5)
+            assert row[seeds_header] == " / ".join(f"{a:.3f}" for a in accuracies)
+            assert row[mean_header] == f"{sum(accuracies) / 3:.3f}"
+        summary = summaries[name]
         mean_row = table["mean of blocks 0–4"]
-        assert mean_row[f"{columns[name]}, seeds 0 / 1 / 2"] == " / ".join(
-            f"{summary['by_seed'][seed]:.3f}" for seed in range(3)
-        )
-        assert mean_row[means[name]] == f"{summary['mean']:.3f}"
-    readme = " ".join((REPO / "README.md").read_text().split())
+        assert mean_row[seeds_header] == " / ".join(f"{summary['by_seed'][seed]:.3f}" for seed in range(3))
+        assert mean_row[mean_header] == f"{summary['mean']:.3f}"
+    readme = " ".join(readme_text.split())
+    walls = {
+        name: [record.row["wall_seconds"] for record in read_records(str(RECORD / f"{name}.jsonl"), [])]
+        for name in columns
+    }
+    at_128 = walls["reference"] + walls["shipped"]
+    assert (
+        f"Each run took {min(at_128):.0f} to {max(at_128):.0f} s of stage wall time (1 core; the reference's 256 "
+        f"tokens are the slowest), and {min(walls['max_length_192']):.0f} to {max(walls['max_length_192']):.0f} s "
+        "at 192 tokens" in readme
+    )
+    assert max(at_128) in walls["reference"]  # "the reference's 256 tokens are the slowest"
     against_reference = paired(runs["reference"], runs["shipped"], selection_fold=5, effect=0.01)
     n, sd, se = against_reference["runs"], against_reference["sd"], against_reference["se"]
     assert (
         f"the shipped config won {against_reference['won']} of the {n} block runs, tied {against_reference['tied']} "
         f"and lost {against_reference['lost']}, by {against_reference['mean_difference']:+.3f} on average "
         f"(SD {sd:.3f}, standard error {se:.3f})" in readme
+    )
+    assert f"about {against_reference['mean_difference'] / se:.1f} standard errors" in readme
+    on_selection = {name: summary["selection_fold_mean"] for name, summary in summaries.items()}
+    lead = on_selection["shipped"] - on_selection["reference"]
+    assert round(lead / against_reference["mean_difference"]) == 3
+    assert (
+        f"On block 5 the lead is three times larger ({on_selection['shipped']:.3f} against "
+        f"{on_selection['reference']:.3f})" in readme
     )
     comparison = paired(runs["shipped"], runs["max_length_192"], selection_fold=5, effect=0.01)
     n = comparison["runs"]

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env
+from conftest import REPO, launch_probe
 from distributed_probe import parameter_hash
 
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
-# The first launch on a machine JIT-compiles DeepSpeed's CPU shared-memory collectives (~3 min on 2 cores; cached in
-# ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR afterwards), hence the margin.
-LAUNCH_TIMEOUT_S = 600
 STEPS, SAVE_EVERY = 6, 3
 STAGE_FILES = {
     # stage: (stage config, train data, eval data, rows of each kept)
@@ -93,22 +88,8 @@ def run_launch(
         "use_cpu": "true",
         **overrides,
     }
-    probe_dir = root / "probe"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(accelerate_config or ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml"),
-        "tests/distributed_probe.py",
-        str(probe_dir),
-        stage,
-        *[item for key, value in args.items() for item in (f"--{key}", str(value))],
-    ]
-    env = child_env({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
-    )
+    config_file = accelerate_config or ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml"
+    return launch_probe(config_file, root / "probe", stage, args, env)
 
 
 def auto_class(stage: str):

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env
+from conftest import REPO, launch_probe
 from distributed_probe import parameter_hash
 
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
-LAUNCH_TIMEOUT_S = 600  # the first DeepSpeed launch on a machine compiles its CPU comm module (~3 min)
 UPDATES, SAVE_EVERY = 4, 2
 STEPS_PER_UPDATE = 4  # ppo_epochs 2 x (rollout_batch_size 4 / mini_batch_size 2)
 PROMPT_ROWS = 64
@@ -93,21 +90,7 @@ def launch(zero: int, root: Path, model_dir: str, env: dict | None = None, **ove
         **overrides,
     }
     probe_dir = root / "probe"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml"),
-        "tests/distributed_probe.py",
-        str(probe_dir),
-        "ppo",
-        *[item for key, value in args.items() for item in (f"--{key}", str(value))],
-    ]
-    env = child_env({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})})
-    done = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
-    )
+    done = launch_probe(ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml", probe_dir, "ppo", args, env)
     assert done.returncode == 0, f"launch failed ({done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
     ranks = [json.loads((probe_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     return Run(root / "out", ranks)
