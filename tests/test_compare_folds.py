@@ -10,7 +10,7 @@ from conftest import REPO, write_jsonl
 
 from rlhf.data import DataError, read_records
 from scripts import compare_folds, eval_minilm_reward
-from scripts.compare_folds import describe, load_results, paired
+from scripts.compare_folds import accuracy, describe, load_results, paired
 
 HH_DEV = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 
@@ -146,6 +146,29 @@ def test_the_committed_fold_record_gives_the_readme_fold_table_and_its_paired_fi
     assert (
         f"On block 5 the lead is three times larger ({on_selection['shipped']:.3f} against "
         f"{on_selection['reference']:.3f})" in readme
+    )
+
+    # "Three of the five losses are block 3, where the reference ... beat it on every seed (...; 192 tokens won two of
+    # three there too)": counted run by run from the record, like the win/tie/loss figures
+    def wins(fold: int, winner: str, loser: str) -> int:
+        return sum(runs[winner][(fold, seed)][0] > runs[loser][(fold, seed)][0] for seed in range(3))
+
+    words = ("no", "one", "two", "three", "four", "five")
+    block_3 = {name: table["3"][mean_header] for name, (_, mean_header) in columns.items()}
+    assert wins(3, "reference", "shipped") == 3  # "on every seed"
+    assert (
+        f"{words[wins(3, 'reference', 'shipped')].capitalize()} of the {words[against_reference['lost']]} losses are "
+        f"block 3, where the reference, at 256 tokens, beat it on every seed ({block_3['reference']} against "
+        f"{block_3['shipped']}; 192 tokens won {words[wins(3, 'max_length_192', 'shipped')]} of three there too)"
+        in readme
+    )
+    # Recipe B ran seed 0 only, so it is set against the reference's seed 0 on the selection block and on the others
+    recipe_b = [float(table[str(fold)]["recipe B (`--pooling mean`)"]) for fold in range(6)]
+    reference_0 = [accuracy(runs["reference"][(fold, 0)]) for fold in range(6)]
+    assert table["mean of blocks 0–4"]["recipe B (`--pooling mean`)"] == f"{sum(recipe_b[:5]) / 5:.3f}"
+    assert (
+        f"leads the reference's seed 0 by {recipe_b[5] - reference_0[5]:+.3f} on the shipped split but by "
+        f"{(sum(recipe_b[:5]) - sum(reference_0[:5])) / 5:+.3f} on the other blocks" in readme
     )
     comparison = paired(runs["shipped"], runs["max_length_192"], selection_fold=5, effect=0.01)
     n = comparison["runs"]
