@@ -155,6 +155,19 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     return bad[0] if bad else "(a parameter shard on another rank)"
 
 
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over all ranks (itself in one process); NaN or inf on any rank makes it non-finite.
+    Every rank must call it (a collective). A decision that changes what runs next (skip a step, stop an epoch,
+    move beta) is taken on this, so that no rank runs a collective the others skip."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return float(value)
+    from accelerate import PartialState
+
+    total = torch.tensor([float(value)], dtype=torch.float64, device=PartialState().device)
+    torch.distributed.all_reduce(total)
+    return float(total.item()) / torch.distributed.get_world_size()
+
+
 @contextmanager
 def shared_atomic_directory(accelerator, final: Path):
     """`atomic_directory` that every rank writes into: the main process creates it and commits it after a barrier,

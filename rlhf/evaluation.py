@@ -156,10 +156,12 @@ def evaluate(
     prompt_ids = [
         tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows
     ]
+    # The judges named by the user resolve first (a bad `--gold` is exit 2 before any model loads).
+    gold_fn = load_function(gold, settings.reward_allowed_modules) if gold else None
     judges = Judges(
-        reward=RewardModelScorer(reward_path) if reward_path else None,
-        gold=load_function(gold, settings.reward_allowed_modules) if gold else None,
+        gold=gold_fn,
         safety=_safety(safety_config) if safety_config else None,
+        reward=RewardModelScorer(reward_path) if reward_path else None,
     )
     models = {"policy": policy_path, **({"reference": reference_path} if reference_path else {})}
     loaded = {name: load_causal_lm(path, tokenizer) for name, path in models.items()}

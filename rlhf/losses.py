@@ -8,6 +8,7 @@ Shapes: B = batch (sequences), T = response tokens, V = vocabulary. `mask` is [B
 inf/NaN left in padded positions (e.g. log-probs of pad tokens) never leaks into a result.
 """
 
+import math
 from typing import Literal
 
 import torch
@@ -322,5 +323,7 @@ class AdaptiveKLController(FixedKLController):
         self.horizon = float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
+        if not math.isfinite(current_kl):
+            return  # a NaN measures nothing (the rollout was skipped); min/max would pass it on to beta for good
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon

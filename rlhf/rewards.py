@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 
+from rlhf.config import ConfigError
 from rlhf.data import render_conversation
 from rlhf.rollout import pad_batch, position_ids_from
 
 RewardFn = Callable[..., Sequence[float]]
+# Bidirectional encoders a reward model may be built on: they read their score at [CLS] (or pooled), not the end.
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "deberta-v2")
 
 
 class RewardSourceError(RuntimeError):
@@ -102,7 +105,7 @@ def forward_by_length(
     """`read(model output)` for every sequence, [N, ...] in the given order, run in batches of similar length."""
     device = next(model.parameters()).device
     # Encoders read the score at their first token ([CLS]); left padding would put a pad there, so pad right.
-    encoder = getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "deberta-v2")
+    encoder = getattr(model.config, "model_type", "") in ENCODER_TYPES
     side = "right" if encoder else side
     if not sequences:
         return torch.empty(0)
@@ -187,18 +190,21 @@ class RewardModelScorer:
 
 
 def load_function(spec: str, allowed_prefixes: Sequence[str] = ("rlhf.",)) -> RewardFn:
-    """`package.module:function`, only from modules under an allowed prefix (config: reward_allowed_modules)."""
+    """`package.module:function`, only from modules under an allowed prefix (config: reward_allowed_modules).
+    A name that does not resolve is a `ConfigError` (exit 2): callers resolve names before any model loads."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise RewardSourceError(f"reward function {spec!r}: expected 'module:function'")
+        raise ConfigError(f"reward function {spec!r}: expected 'module:function'")
     if not any(module_name == p.rstrip(".") or module_name.startswith(p) for p in allowed_prefixes):
-        raise RewardSourceError(
+        raise ConfigError(
             f"reward function {spec!r}: module {module_name!r} is outside the allowed import paths {list(allowed_prefixes)}"
         )
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as err:
-        raise RewardSourceError(f"reward function {spec!r}: {err}") from None
+        raise ConfigError(f"reward function {spec!r}: {err}") from None
+    if not callable(function):
+        raise ConfigError(f"reward function {spec!r}: {type(function).__name__} is not callable")
     return function
 
 

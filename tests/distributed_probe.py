@@ -14,7 +14,8 @@ that step. Production code knows nothing about this: the probe replaces the stag
 PPO (tests/test_distributed_ppo.py) is our own loop, so the probe wraps functions of `rlhf.ppo.update` instead:
 `PPORun.optimizer_step` (hash the full weights after each step, keyed `update.step`), `generate` (count the
 all-gathers issued while generating: 0 when ZeRO-3's weights were gathered once before the call; the engine's
-forward is counted too, as the control) and, with PROBE_NAN_AT=update.step, `ppo_policy_loss` (NaN at that step).
+forward is counted too, as the control) and, with PROBE_NAN_AT=update.step, `ppo_policy_loss` (NaN at that step;
+on rank PROBE_NAN_RANK only, when that is set).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def counting_gathers(action, into: list):
     from deepspeed import comm
 
     backend, calls = comm.comm.cdb, [0]
+    if backend is None:  # plain DDP: DeepSpeed's comm is not in use, nothing to count
+        return action()
 
     def counting(fn):
         def wrapper(*args, **kwargs):
@@ -121,9 +124,9 @@ def counting_gathers(action, into: list):
         into.append(calls[0])
 
 
-def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
+def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None, nan_rank: int | None) -> int:
     """`rlhf.ppo.cli` with hashes after each optimizer step (key `update.step`) and all-gather counts; `nan_at`
-    (a key) makes that step's policy loss NaN, as a numerical blow-up would."""
+    (a key) makes that step's policy loss NaN, as a numerical blow-up would, on every rank or on `nan_rank`."""
     from rlhf.distributed import zero_stage
     from rlhf.ppo import stage, update
 
@@ -156,7 +159,8 @@ def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
 
     def policy_loss(*args, **kwargs):
         loss, stats = real_policy_loss(*args, **kwargs)
-        return (loss * float("nan") if current["key"] == nan_at else loss), stats
+        blows_up = current["key"] == nan_at and nan_rank in (None, dist.get_rank())
+        return (loss * float("nan") if blows_up else loss), stats
 
     def generate(*args, **kwargs):
         return counting_gathers(lambda: real_generate(*args, **kwargs), record["generate_gathers"])
@@ -181,7 +185,10 @@ def run_ppo(probe_dir: str, argv: list[str], nan_at: str | None) -> int:
 if __name__ == "__main__":
     probe_dir, stage, *argv = sys.argv[1:]
     if stage == "ppo":
-        exit_process(run_ppo(probe_dir, argv, os.environ.get("PROBE_NAN_AT")))
+        nan_rank = os.environ.get("PROBE_NAN_RANK")
+        exit_process(
+            run_ppo(probe_dir, argv, os.environ.get("PROBE_NAN_AT"), int(nan_rank) if nan_rank else None)
+        )
     module = STAGES[stage]
     module.CommitMarkerCallback = make_probe(probe_dir)
     exit_process(module.cli(argv))

@@ -6,7 +6,8 @@ through tests/distributed_probe.py, which records per rank a hash of the full we
 weights after every step, that generation under ZeRO-3 gathers the weights once per rollout (not per layer per
 token), that the final policy reloads as an ordinary HF model holding exactly what the ranks trained, that a resumed
 run continues from the last committed checkpoint to the same weights as an uninterrupted one (tolerance: none, bit
-for bit), and that DeepSpeed skips an optimizer step whose loss is NaN.
+for bit), and that DeepSpeed skips an optimizer step whose loss is NaN. One run under plain DDP
+(configs/accelerate/ddp_cpu.yaml) checks that a NaN loss on one rank skips the step on both.
 
 Tiny model, 4 updates of 4 optimizer steps (2 micro-batches accumulated each): one launch takes ~25-35 s once
 DeepSpeed's CPU comm module is compiled (see tests/test_distributed.py). The uninterrupted runs are shared by the
@@ -60,8 +61,8 @@ def ppo_model_dir(tmp_path_factory) -> str:
     )
 
 
-def launch(zero: int, root: Path, model_dir: str, env: dict | None = None, **overrides) -> Run:
-    """One 2-process PPO run under ZeRO-`zero`; returns each rank's probe record."""
+def launch(zero: int | None, root: Path, model_dir: str, env: dict | None = None, **overrides) -> Run:
+    """One 2-process PPO run under ZeRO-`zero` (plain DDP for None); returns each rank's probe record."""
     root.mkdir(parents=True, exist_ok=True)
     prompts = root / "prompts.jsonl"
     with open(REPO / "data/demo/prompts.jsonl") as handle:
@@ -90,7 +91,8 @@ def launch(zero: int, root: Path, model_dir: str, env: dict | None = None, **ove
         **overrides,
     }
     probe_dir = root / "probe"
-    done = launch_probe(ACCELERATE_CONFIGS / f"zero{zero}_cpu.yaml", probe_dir, "ppo", args, env)
+    accelerate_config = "ddp_cpu.yaml" if zero is None else f"zero{zero}_cpu.yaml"
+    done = launch_probe(ACCELERATE_CONFIGS / accelerate_config, probe_dir, "ppo", args, env)
     assert done.returncode == 0, f"launch failed ({done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
     ranks = [json.loads((probe_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     return Run(root / "out", ranks)
@@ -195,5 +197,24 @@ def test_deepspeed_skips_a_step_whose_loss_is_nan(zero, ppo_model_dir, tmp_path)
     assert run.steps["1.0"] == run.steps["0.3"], "the NaN step changed the weights"
     assert run.steps["1.1"] != run.steps["1.0"], "training did not continue after the skipped step"
     assert all(record["nonfinite_total"] == 1 for record in run.ranks)
+    trained = reload_policy(run.output_dir)
+    assert all(torch.isfinite(w).all() for w in trained.parameters())
+
+
+@pytest.mark.slow
+def test_under_ddp_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(ppo_model_dir, tmp_path):
+    """Plain DDP (no DeepSpeed): our own check guards the step. Rank 1 alone gets a NaN loss at step 1.0; the
+    all-reduced gradient is then NaN on both ranks, so both must skip. A rank 0 that judged by its own finite loss
+    would clip a NaN norm, step, and hold NaN weights that rank 1 does not."""
+    run = launch(
+        None, tmp_path, ppo_model_dir, env={"PROBE_NAN_AT": "1.0", "PROBE_NAN_RANK": "1"}, total_updates=2
+    )
+    rank0, rank1 = run.ranks
+    assert (rank0["world_size"], rank0["zero_stage"]) == (2, None)
+    keys = [f"{u}.{k}" for u in range(2) for k in range(STEPS_PER_UPDATE)]
+    assert list(rank0["steps"]) == keys and rank0["steps"] == rank1["steps"]
+    assert run.steps["1.0"] == run.steps["0.3"], "the NaN step changed the weights"
+    assert run.steps["1.1"] != run.steps["1.0"], "training did not continue after the skipped step"
+    assert [record["nonfinite_total"] for record in run.ranks] == [1, 1]
     trained = reload_policy(run.output_dir)
     assert all(torch.isfinite(w).all() for w in trained.parameters())

@@ -56,3 +56,29 @@ def test_a_policy_evaluated_against_itself_has_zero_kl_and_even_win_rate(tmp_pat
     assert results["samples"] and {"prompt", "policy", "reference"} <= set(results["samples"][0])
     assert set(policy["gold_score_by_category"]) == {"allowed", "disallowed"}
     json.dumps(results)  # the report is JSON-serialisable
+
+
+def test_a_gold_judge_outside_the_allowed_modules_is_exit_2_before_any_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    import rlhf.evaluation as evaluation
+    import rlhf.models
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1 + 2?"}])
+    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(rlhf.models, "load_scalar_model", lambda *a, **k: pytest.fail("a model loaded"))
+    code = evaluation.cli(
+        [
+            "--policy",
+            tiny_model_dir,
+            "--reward",
+            tiny_model_dir,
+            "--prompts",
+            str(prompts),
+            "--gold",
+            "os:getcwd",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: config: reward function 'os:getcwd': module 'os' is outside the allowed")

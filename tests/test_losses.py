@@ -347,6 +347,16 @@ def test_adaptive_kl_controller_direction_clipping_and_resume() -> None:
     assert resumed.value == up.value
 
 
+def test_adaptive_kl_controller_keeps_beta_through_a_non_finite_kl() -> None:
+    # A skipped (non-finite) rollout measures no KL; beta must come out of it as it went in, and keep moving after.
+    ctl = AdaptiveKLController(init_beta=0.1, target=6.0, horizon=10000)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        ctl.update(bad, 64)
+        assert ctl.value == 0.1
+    ctl.update(12.0, 100)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
+
+
 def test_adaptive_kl_controller_rejects_bad_config() -> None:
     with pytest.raises(ValueError):
         AdaptiveKLController(init_beta=0.1, target=0.0, horizon=10000)

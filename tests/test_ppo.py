@@ -26,6 +26,10 @@ PROMPTS = [f"What is {a} + {b}?" for a in range(1, 9) for b in range(1, 5)]
 
 
 def ppo_config(tmp_path: Path, model_dir: str, **overrides) -> PPOStageConfig:
+    return parse_config(PPOStageConfig, ppo_argv(tmp_path, model_dir, **overrides))
+
+
+def ppo_argv(tmp_path: Path, model_dir: str, **overrides) -> list[str]:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "category": "allowed"} for p in PROMPTS])
     args = {
         "policy_model": model_dir,
@@ -49,8 +53,7 @@ def ppo_config(tmp_path: Path, model_dir: str, **overrides) -> PPOStageConfig:
         "temperature": "1.0",
     }
     args.update({k: str(v) for k, v in overrides.items()})
-    argv = [item for key, value in args.items() for item in (f"--{key}", *str(value).split())]
-    return parse_config(PPOStageConfig, argv)
+    return [item for key, value in args.items() for item in (f"--{key}", *str(value).split())]
 
 
 def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model_dir):
@@ -145,10 +148,26 @@ def test_a_faulty_reward_source_stops_the_run_naming_it(tmp_path, tiny_model_dir
         main(config)
 
 
-def test_reward_functions_outside_the_allowed_modules_are_refused(tmp_path, tiny_model_dir):
-    config = ppo_config(tmp_path, tiny_model_dir, reward_sources="os:system")
-    with pytest.raises(RewardSourceError, match="outside the allowed import paths"):
-        main(config)
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"reward_sources": "os:system"}, "module 'os' is outside the allowed import paths"),
+        ({"reward_sources": "ppo_rewards:no_such_function"}, "has no attribute 'no_such_function'"),
+        ({"reward_sources": "ppo_rewards"}, "'ppo_rewards': expected 'module:function'"),
+        ({"reward_sources": "safety", "safety_config": "missing.yaml"}, "missing.yaml: cannot read"),
+    ],
+)
+def test_a_reward_source_that_does_not_resolve_is_exit_2_before_any_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, capsys, overrides, message
+):
+    import rlhf.ppo.stage as stage
+
+    monkeypatch.setattr(stage, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    assert stage.cli(ppo_argv(tmp_path, tiny_model_dir, **overrides)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config: ") and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "ppo").exists()
 
 
 def test_nonfinite_losses_skip_steps_then_abort_without_saving(tmp_path, tiny_model_dir, monkeypatch):
@@ -296,3 +315,46 @@ def test_update_statistics_are_token_weighted_over_micro_batches_and_the_early_s
     assert stats["policy/approx_kl"] == pytest.approx(sum(t * kl for t, kl in seen) / tokens)
     # The first epoch's mean approx KL is above the threshold: the update stops after 1 epoch of 4 micro-batches.
     assert stats["policy/early_stops"] == 1.0 and len(seen) == 4
+
+
+def test_every_rank_needs_a_full_rollout_batch_of_prompts(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from rlhf.config import ConfigError
+    from rlhf.data import Report
+    from rlhf.ppo.stage import load_prompt_set
+
+    config = ppo_config(tmp_path, tiny_model_dir)  # rollout_batch_size 8
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}]} for a in range(12)]
+    prompts, _ = load_prompt_set(config, tiny_tokenizer, rows, Report(), world=1)
+    assert len(prompts.batch(0, 8, 0, rank=0, world=1)) == 8
+    # Two ranks would need 16: rank 1 would get 4 prompts (fewer micro-batches than rank 0) and the job would hang.
+    with pytest.raises(ConfigError, match="12 usable prompts, fewer than rollout_batch_size 8 x 2 processes"):
+        load_prompt_set(config, tiny_tokenizer, rows, Report(), world=2)
+    prompts, _ = load_prompt_set(config, tiny_tokenizer, rows + rows[:4], Report(), world=2)
+    ranks = [prompts.batch(0, 8, 0, rank=r, world=2) for r in (0, 1)]
+    assert [len(b) for b in ranks] == [8, 8] and not set(ranks[0]) & set(ranks[1])
+
+
+def test_value_init_reward_is_refused_for_an_encoder_or_another_vocabulary(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    import json
+
+    from rlhf.checkpoint import tokenizer_fingerprint
+    from rlhf.config import ConfigError
+    from rlhf.ppo.stage import check_value_init
+
+    reward_dir = tmp_path / "rm"
+    reward_dir.mkdir()
+    (reward_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    config = ppo_config(tmp_path, tiny_model_dir, reward_model=str(reward_dir), value_init="reward")
+    same = {"tokenizer": tokenizer_fingerprint(tiny_tokenizer)}
+    check_value_init(config, same, tiny_tokenizer)  # a causal reward model on the policy's tokenizer
+    other = {"tokenizer": {**same["tokenizer"], "vocab_size": 30522}}
+    with pytest.raises(
+        ConfigError, match=f"tokenizer's vocab_size is 30522, the policy's {len(tiny_tokenizer)}"
+    ):
+        check_value_init(config, other, tiny_tokenizer)
+    (reward_dir / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="it is a bert encoder, not a causal model.*Set value_init: policy"):
+        check_value_init(config, same, tiny_tokenizer)
+    check_value_init(ppo_config(tmp_path, tiny_model_dir, reward_model=str(reward_dir)), same, tiny_tokenizer)

@@ -152,6 +152,17 @@ def test_ppo_killed_and_resumed_matches_uninterrupted_including_next_rollout(tmp
     sampled = lambda path: [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     after = [s for s in sampled(full) if s["update"] == resumed_from + 1]
     assert after and after == [s for s in sampled(killed) if s["update"] == resumed_from + 1]
+    # The record covers the whole run, not the part after the resume: samples once each, every update's statistics.
+    assert sampled(killed) == sampled(full)
+    steady = lambda path: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "throughput/"))}
+        for line in (path / "history.jsonl").read_text().splitlines()
+    ]
+    assert len(steady(killed)) == 8 and steady(killed) == steady(full)
+    metrics = [json.loads((path / "manifest.json").read_text())["metrics"] for path in (full, killed)]
+    for key in ("reward_first", "kl_first", "reward_last", "kl_max"):
+        assert metrics[1][key] == metrics[0][key], key
+    assert metrics[1]["wall_seconds"] > 0
 
 
 # ------------------------------------------------------------------------------------------- 2. complete or ignored

@@ -60,7 +60,13 @@ def save_checkpoint(run: PPORun) -> None:
                     "scheduler": run.scheduler.state_dict(),
                     "kl_ctl": run.kl_ctl.state_dict(),
                     "rng": run_rng_state(run),
-                    "counters": {"update": run.update, "nonfinite_total": run.nonfinite_total},
+                    "counters": {
+                        "update": run.update,
+                        "nonfinite_total": run.nonfinite_total,
+                        "nonfinite_in_a_row": run.nonfinite_in_a_row,
+                        "seconds": run.elapsed_seconds,
+                    },
+                    "history": run.history,
                     "ema": run.ema,
                 },
                 tmp / "trainer_state.pt",
@@ -100,6 +106,9 @@ def load_checkpoint(run: PPORun, path: str) -> None:
     run.kl_ctl.load_state_dict(state["kl_ctl"])
     run.update = state["counters"]["update"]
     run.nonfinite_total = state["counters"]["nonfinite_total"]
+    run.nonfinite_in_a_row = state["counters"].get("nonfinite_in_a_row", 0)
+    run.elapsed_seconds = state["counters"].get("seconds", 0.0)
+    run.history = state.get("history", [])
     run.ema = state["ema"]
     rank_rng = Path(path) / f"rng_state_{run.accelerator.process_index}.pt"
     rng = torch.load(rank_rng, weights_only=True) if rank_rng.exists() else state["rng"]

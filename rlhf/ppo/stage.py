@@ -19,6 +19,7 @@ from rlhf.checkpoint import (
     read_manifest,
     resolve_resume,
     stage_manifest,
+    tokenizer_fingerprint,
     write_manifest,
 )
 from rlhf.config import ConfigError, config_to_dict, dump_config, parse_config
@@ -30,22 +31,30 @@ from rlhf.data import (
     render_prompt,
     tokenize_demonstrations,
 )
-from rlhf.distributed import configure_deepspeed, device_options, frozen_loading, full_weights
+from rlhf.distributed import (
+    configure_deepspeed,
+    device_options,
+    frozen_loading,
+    full_weights,
+    mean_over_ranks,
+)
 from rlhf.launch import warn_about_cpu_threads
 from rlhf.losses import AdaptiveKLController, FixedKLController
 from rlhf.models import LoraSettings, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from rlhf.ppo.checkpoint import PARTS, check_finite, load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.update import PPORun, PromptSet
-from rlhf.rewards import RewardModelScorer, load_function
+from rlhf.rewards import ENCODER_TYPES, RewardModelScorer, load_function
 from rlhf.rollout import PolicyAndValue, Rollout, enable_packing
 
 log = logging.getLogger(__name__)
 
 
 def load_prompt_set(
-    config: PPOStageConfig, tokenizer, rows: list[dict[str, Any]], report: Report
+    config: PPOStageConfig, tokenizer, rows: list[dict[str, Any]], report: Report, world: int = 1
 ) -> tuple[PromptSet, dict[str, int]]:
+    """Prompts that fit `max_prompt_length`; at least one full rollout batch for each of the `world` ranks (a rank
+    short of prompts would run fewer micro-batches than the others, and their collectives would fall out of step)."""
     ids, kept = [], []
     for row in rows:
         encoded = tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
@@ -54,11 +63,49 @@ def load_prompt_set(
             continue
         ids.append(encoded)
         kept.append(row)
-    if len(kept) < config.rollout_batch_size:
+    if len(kept) < config.rollout_batch_size * world:
+        per_rank = f" x {world} processes" if world > 1 else ""
         raise ConfigError(
             f"train_data: {len(kept)} usable prompts, fewer than rollout_batch_size {config.rollout_batch_size}"
+            f"{per_rank}"
         )
     return PromptSet(ids, kept), report.drops
+
+
+def check_reward_sources(config: PPOStageConfig) -> None:
+    """Every named source resolves (a user function imports, the safety config parses): a `ConfigError` before any
+    model loads, rather than after the policy, reference and value models have."""
+    for name in config.reward_sources:
+        if name == "safety":
+            from rlhf.safety import SafetyConfig
+
+            SafetyConfig.from_yaml(config.safety_config)
+        elif name != "reward_model":
+            load_function(name, config.reward_allowed_modules)
+
+
+def check_value_init(config: PPOStageConfig, reward_manifest: dict[str, Any] | None, tokenizer) -> None:
+    """`value_init: reward` starts the value model from the reward model and feeds it the policy's token ids, one
+    value per position: that needs the policy's vocabulary and a causal model (an encoder's value at token t would
+    see the tokens after t). Anything else is a `ConfigError` now, not a value model that silently reads nonsense."""
+    if config.value_init != "reward" or reward_manifest is None:
+        return
+    problems = []
+    model_config = Path(config.reward_model) / "config.json"
+    model_type = json.loads(model_config.read_text()).get("model_type") if model_config.is_file() else None
+    if model_type in ENCODER_TYPES:
+        problems.append(f"it is a {model_type} encoder, not a causal model")
+    recorded, found = reward_manifest.get("tokenizer") or {}, tokenizer_fingerprint(tokenizer)
+    problems += [
+        f"its tokenizer's {key} is {recorded[key]!r}, the policy's {found[key]!r}"
+        for key in ("vocab_size", "pad_token_id", "eos_token_id")
+        if key in recorded and recorded[key] != found[key]
+    ]
+    if problems:
+        raise ConfigError(
+            f"value_init: 'reward' starts the value model from {config.reward_model}, but {'; '.join(problems)}."
+            " Set value_init: policy (a fresh value head on the policy)"
+        )
 
 
 def build_reward_sources(
@@ -105,6 +152,7 @@ def build_run(config: PPOStageConfig) -> PPORun:
     from accelerate.utils import set_seed
 
     prompt_rows, prompt_report = load_prompts(config.train_data)  # validated before any model loads
+    check_reward_sources(config)
     ptx_rows = load_demonstrations(config.ptx_data)[0] if config.ptx_coef > 0 else None
     policy_manifest = stage_manifest(config.policy_model, "sft")
     tokenizer = load_tokenizer(config.policy_model, config.trust_remote_code, padding_side="left")
@@ -113,10 +161,7 @@ def build_run(config: PPOStageConfig) -> PPORun:
         check_tokenizer_matches(policy_manifest, tokenizer, config.policy_model)
     # Read (and its files verified) once, before any model loads.
     reward_manifest = read_manifest(config.reward_model, "reward") if config.reward_model else None
-    prompts, drops = load_prompt_set(config, tokenizer, prompt_rows, prompt_report)
-    if drops:
-        log.warning("prompts dropped: %s", drops)
-
+    check_value_init(config, reward_manifest, tokenizer)
     trackers = [t for t in config.report_to if t != "none"]
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -129,6 +174,9 @@ def build_run(config: PPOStageConfig) -> PPORun:
         **device_options(config),
     )
     configure_deepspeed(accelerator, config)
+    prompts, drops = load_prompt_set(config, tokenizer, prompt_rows, prompt_report, accelerator.num_processes)
+    if drops:
+        log.warning("prompts dropped: %s", drops)
     # Data order is shared by all ranks (PromptSet uses config.seed); sampling must differ per rank.
     set_seed(config.seed + accelerator.process_index)
     policy, reference, value = load_models(config, tokenizer, frozen_loading(accelerator))
@@ -184,8 +232,10 @@ def main(config: PPOStageConfig) -> dict[str, Any]:
     if resume:
         load_checkpoint(run, resume)
         log.warning("resumed from %s at update %d", resume, run.update)
+        if accelerator.is_main_process:
+            drop_samples_after(config.output_dir, run.update)
     accelerator.init_trackers("ppo", config=_flat_config(config))
-    started, history = time.time(), []
+    started = time.time() - run.elapsed_seconds
     bar = tqdm(
         total=config.total_updates,
         initial=run.update,
@@ -194,14 +244,15 @@ def main(config: PPOStageConfig) -> dict[str, Any]:
     )
     while run.update < config.total_updates:
         stats = run_update(run)
-        history.append(stats)
+        run.history.append(stats)
+        run.elapsed_seconds = time.time() - started
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward/total']:.3f}", kl=f"{stats['objective/kl']:.3f}")
         if run.update % config.save_every == 0 and run.update < config.total_updates:
             save_checkpoint(run)
     bar.close()
     save_checkpoint(run)
-    metrics = summarise_history(history, time.time() - started, run)
+    metrics = summarise_history(run.history, time.time() - started, run)
     save_final(run, metrics)
     accelerator.end_training()
     return metrics
@@ -213,7 +264,8 @@ def run_update(run: PPORun) -> dict[str, float]:
     start = time.perf_counter()
     batch, stats, prompts, completions = run.rollout(timings)
     train_start = time.perf_counter()
-    if rollout_is_finite(batch):
+    # Ranks agree: one rank skipping training while another runs its backward passes would hang the job.
+    if mean_over_ranks(float(rollout_is_finite(batch))) == 1.0:
         stats.update(run.train_on(batch))
     else:
         # A NaN in the rewards (or log-probs) would poison every weight it touches: skip this update's training.
@@ -221,7 +273,10 @@ def run_update(run: PPORun) -> dict[str, float]:
         stats["loss/nonfinite_steps"] = 1.0
         run.scheduler.step()
     timings["train"] = time.perf_counter() - train_start
-    run.kl_ctl.update(stats["objective/kl"], config.rollout_batch_size * accelerator.num_processes)
+    # The KL of every rank's episodes, so that beta (checkpointed from rank 0) is the same on all ranks.
+    run.kl_ctl.update(
+        mean_over_ranks(stats["objective/kl"]), config.rollout_batch_size * accelerator.num_processes
+    )
     run.update += 1
     elapsed = time.perf_counter() - start
     stats.update({f"time/{k}": v for k, v in timings.items()})
@@ -246,6 +301,21 @@ def rollout_is_finite(batch: Rollout) -> bool:
         batch.ref_logprobs[mask],
     )
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def drop_samples_after(output_dir: str, update: int) -> None:
+    """Forget the samples of updates past the checkpoint resumed from (they are sampled again), and a last line
+    the kill cut short."""
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["update"] <= update
+        except json.JSONDecodeError:
+            return False
+
+    path = Path(output_dir) / "samples.jsonl"
+    if path.exists():
+        path.write_text("".join(filter(kept, path.read_text().splitlines(keepends=True))))
 
 
 def write_samples(

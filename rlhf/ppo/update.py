@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlhf.distributed import gathered_for_generation
+from rlhf.distributed import gathered_for_generation, mean_over_ranks
 from rlhf.losses import (
     FixedKLController,
     compute_gae,
@@ -106,6 +107,9 @@ class PPORun:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     ema: dict[str, torch.Tensor] | None = None
+    # Each update's statistics and the run's seconds so far (earlier processes included): a resumed run reports all.
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_seconds: float = 0.0
 
     @property
     def policy(self):
@@ -229,7 +233,11 @@ class PPORun:
                 else:
                     epoch.merge(step)
             totals.merge(epoch)
-            if config.approx_kl_stop and epoch.means().get("policy/approx_kl", 0.0) > config.approx_kl_stop:
+            # Every rank must stop at the same epoch (each backward is a collective): the mean over ranks decides.
+            if (
+                config.approx_kl_stop
+                and mean_over_ranks(epoch.means().get("policy/approx_kl", 0.0)) > config.approx_kl_stop
+            ):
                 stopped = 1
                 break
         self.scheduler.step()
@@ -282,7 +290,8 @@ class PPORun:
             )
         # Under DeepSpeed the engine has already clipped and stepped inside the last `backward` (it skips a step
         # whose gradient norm is not finite); the clip, step and zero_grad calls below are then no-ops.
-        if not torch.isfinite(torch.stack(losses).sum()):
+        # A NaN loss on one rank has made the all-reduced gradient NaN on every rank: all of them must skip.
+        if not math.isfinite(mean_over_ranks(float(torch.stack(losses).sum()))):
             self.skip_nonfinite_step()
             return None
         self.nonfinite_in_a_row = 0
