@@ -32,6 +32,8 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
 
     argv = list(argv) if argv is not None else None
     if argv is not None and "--config" in argv:
+        if argv.index("--config") + 1 == len(argv):
+            raise ConfigError("--config: expected a config file after it")
         path = argv[argv.index("--config") + 1]
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")

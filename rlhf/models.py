@@ -55,7 +55,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     from transformers import AutoTokenizer
 
     check_model_dir(path, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:  # a hub name that does not resolve (or a missing path that looks like one)
+        raise ModelLoadError(f"{path}: cannot load a tokenizer ({err})") from None
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None and tokenizer.sep_token is not None:

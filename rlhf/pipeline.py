@@ -6,7 +6,7 @@ Each stage runs as its own `accelerate launch` process with the same accelerate/
 output directories: SFT starts from `base_model`, the reward model from the SFT output, PPO from both. A stage
 whose manifest is complete, whose files verify and whose recorded config equals the one this run would use is
 skipped, so an interrupted pipeline resumes (the interrupted stage itself resumes from its last committed
-checkpoint).
+checkpoint); every stage after one that runs (or that finished later than it) runs too, its input being new.
 """
 
 from __future__ import annotations
@@ -128,6 +128,24 @@ def finished_manifest(stage: str, output_dir: str, argv: list[str]) -> dict[str,
     return manifest
 
 
+def is_stale(manifest: dict[str, Any], upstream: str, upstream_manifest: dict[str, Any] | None) -> bool:
+    """Whether a finished stage was built from an older output of the stage before it: that stage ran in this
+    pipeline (`upstream_manifest` None), or finished after this one did. Its own config is unchanged (the paths
+    are the same), so `finished_manifest` alone would keep it."""
+    if upstream_manifest is None:
+        log.warning("%s: %s ran again: running again", manifest["stage"], upstream)
+        return True
+    if upstream_manifest["created"] > manifest["created"]:
+        log.warning(
+            "%s: %s finished after it (%s): running again",
+            manifest["stage"],
+            upstream,
+            upstream_manifest["created"],
+        )
+        return True
+    return False
+
+
 def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
     command = [
         sys.executable,
@@ -156,11 +174,15 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         init_tiny(
             config.base_model, corpus=[c for c in config.tiny_corpus if os.path.exists(c)], seed=config.seed
         )
+    upstream: tuple[str, dict[str, Any] | None] | None = None  # the stage before: name, manifest if skipped
     for stage in STAGES:
         argv = stage_argv(config, stage)
         output_dir = str(out / stage)
         start = time.time()
         manifest = finished_manifest(stage, output_dir, argv)
+        if manifest is not None and upstream is not None and is_stale(manifest, *upstream):
+            manifest = None
+        upstream = (stage, manifest)
         if manifest is not None:
             wall = manifest["metrics"].get("wall_seconds")
             print(f"[pipeline] {stage:<7} skipped (complete: {output_dir}, {wall}s when it ran)", flush=True)

@@ -32,13 +32,11 @@ from rlhf.checkpoint import resolve_resume, stage_manifest
 from rlhf.config import ConfigError, parse_config
 from rlhf.data import (
     DEGENERATE_POLICIES,
-    DataError,
     Report,
     content_hash,
     has_empty_answer,
     load_preferences,
-    load_prompts,
-    problem_at,
+    load_scored_answers,
 )
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import SCORE_HEADS, is_score_head, load_scalar_model, load_tokenizer
@@ -463,18 +461,18 @@ def score_pairs(model, tokenizer, rows: list[dict], batch_size: int) -> tuple[to
     return scores[: len(rows)], scores[len(rows) :]
 
 
-def reference_scores(model, tokenizer, config: RewardStageConfig, train_pairs: list[dict]) -> torch.Tensor:
-    """Scores of the reference set: the distinct chosen answers of training, or a user-given prompt/response file."""
-    if config.normalize_reference:
-        prompts, _ = load_prompts(config.normalize_reference)
+def reference_scores(
+    model, tokenizer, config: RewardStageConfig, train_pairs: list[dict], reference: list[dict] | None
+) -> torch.Tensor:
+    """Scores of the reference set: the distinct chosen answers of training, or the rows of the user's
+    `normalize_reference` file (`load_scored_answers`, read before training)."""
+    if reference is not None:
         texts = [
             reward_text(
-                tokenizer,
-                p["prompt"],
-                [{"role": "assistant", "content": p["response"]}],
-                config.context_turns,
+                tokenizer, row["prompt"], [{"role": "assistant", "content": answer}], config.context_turns
             )
-            for p in prompts
+            for row in reference
+            for answer in row["responses"]
         ]
     else:
         texts = sorted(
@@ -500,6 +498,8 @@ def load_pairs(config: RewardStageConfig) -> tuple[list[dict], list[dict], Repor
 
 def main(config: RewardStageConfig) -> dict[str, Any]:
     train_pairs, eval_pairs, report, eval_report = load_pairs(config)
+    # Read now: a bad row must stop the stage before training, not after it.
+    reference = load_scored_answers(config.normalize_reference)[0] if config.normalize_reference else None
     stage_manifest(config.model_name_or_path)  # a stage output as start model must be finished, intact
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train_rows = encode_pairs(tokenizer, train_pairs, config, report)
@@ -539,7 +539,7 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     run.metrics.update(
         {f"eval_{k}": v for k, v in pair_metrics(chosen, rejected, [r["group"] for r in eval_rows]).items()}
     )
-    normalizer = Normalizer.fit(reference_scores(scoring_model, tokenizer, config, train_pairs))
+    normalizer = Normalizer.fit(reference_scores(scoring_model, tokenizer, config, train_pairs, reference))
     run.metrics.update(
         train_loss=train_metrics.get("train_loss"),
         dropped=report.drops,
@@ -572,14 +572,11 @@ def score_file(
     model_path: str, data_path: str, out_path: str | None, batch_size: int = 32
 ) -> list[dict[str, Any]]:
     """Score prompt/response rows (or prompt + responses list) -> JSONL rows with raw and normalised scores."""
-    rows, _ = load_prompts(data_path)
-    missing = [r for r in rows if "response" not in r and "responses" not in r]
-    if missing:
-        raise DataError([problem_at(r, "response: missing required field (or 'responses')") for r in missing])
+    rows, _ = load_scored_answers(data_path)
     scorer = RewardModelScorer(model_path, batch_size=batch_size)
     prompts, completions = [], []
     for row in rows:
-        for answer in row["responses"] if "responses" in row else [row["response"]]:
+        for answer in row["responses"]:
             prompts.append(row["prompt"])
             completions.append(answer)
     raw = scorer.raw_scores(prompts, completions)

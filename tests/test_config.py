@@ -50,6 +50,11 @@ def test_unknown_keys_are_errors(tmp_path):
         parse_config(SFTStageConfig, ["--config", str(path)])
 
 
+def test_config_flag_without_a_file_is_a_config_error():
+    with pytest.raises(ConfigError, match="--config: expected a config file after it"):
+        parse_config(PPOStageConfig, ["--seed", "1", "--config"])
+
+
 def test_yaml_with_python_tags_is_rejected(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("model_name_or_path: !!python/object/apply:os.system ['echo pwned']\n")

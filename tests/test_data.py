@@ -56,6 +56,24 @@ def test_json_csv_parquet_and_directories(tmp_path):
     assert loaded[3]["source"].endswith("b.csv:3")
 
 
+def test_a_json_object_with_lists_before_its_data_key_gives_each_row_its_line(tmp_path):
+    # Lists before the rows, a nested "data", and a repeated top-level "data" (the last counts, as in json.loads).
+    path = tmp_path / "wrapped.json"
+    path.write_text(
+        '{\n "meta": {"tags": ["x", "y"], "data": [0]},\n "data": [1],\n "notes": [[]],\n "data": [\n'
+        '  {"prompt": "p1", "completion": "c1"},\n  {"prompt": "p2",\n   "completion": "c2"}\n ]\n}\n'
+    )
+    loaded, _ = load_demonstrations(str(path))
+    assert [r["messages"][0]["content"] for r in loaded] == ["p1", "p2"]
+    assert [r["source"].rpartition(":")[2] for r in loaded] == ["6", "7"]
+
+
+def test_a_missing_file_named_like_a_hub_dataset_is_a_problem_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data/promts:0: no such file, nor a hub dataset that loads"):
+        load_prompts("data/promts")
+
+
 # ---------------------------------------------------------------- validation errors
 
 

@@ -87,3 +87,11 @@ def test_lora_policy_trains_only_adapters(tiny_model_dir, tiny_tokenizer):
     model = load_causal_lm(tiny_model_dir, tiny_tokenizer, lora=LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_a_missing_model_named_like_a_hub_repo_is_a_load_error_not_a_traceback(tmp_path, monkeypatch):
+    # `outputs/sft` (one slash) could be a hub repo; offline and absent here, it must still be a clean error (exit 2).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="outputs/sft: cannot load a tokenizer"):
+        load_tokenizer("outputs/sft")

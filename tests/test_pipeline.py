@@ -1,4 +1,5 @@
-"""The pipeline end to end on a tiny model: three stages, report, and skipping finished stages on a rerun."""
+"""The pipeline end to end on a tiny model: three stages, report, skipping finished stages on a rerun, and running
+again every stage after one whose output is new."""
 
 from __future__ import annotations
 
@@ -91,3 +92,22 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
     second = capsys.readouterr().out
     assert second.count("skipped (complete") == 3
     assert calls["read_manifest"] == 3  # each finished stage's manifest read (and its files hashed) once
+
+    # A new SFT output makes the reward model and PPO stale although their configs are unchanged: rerun them.
+    launched: list[str] = []
+    monkeypatch.setattr(rlhf.pipeline, "launch", lambda config, module, argv: launched.append(module))
+    sft_manifest = tmp_path / "run" / "sft" / "manifest.json"
+    recorded = json.loads(sft_manifest.read_text())
+    sft_manifest.write_text(
+        json.dumps({**recorded, "created": "2999-01-01T00:00:00Z"})
+    )  # rerun by hand, later
+    run(config)
+    assert launched == ["rlhf.reward_model", "rlhf.ppo"]
+    assert capsys.readouterr().out.count("skipped (complete") == 1
+    sft_manifest.write_text(json.dumps(recorded))
+    launched.clear()
+    (tmp_path / "sft.yaml").write_text(
+        (tmp_path / "sft.yaml").read_text().replace("max_steps: 3", "max_steps: 4")
+    )
+    run(config)
+    assert launched == ["rlhf.sft", "rlhf.reward_model", "rlhf.ppo"]

@@ -836,19 +836,42 @@ BAD_PAIRS = [
 ]
 
 
-@pytest.mark.parametrize(("row", "message"), BAD_PAIRS, ids=["missing-rejected", "mistyped-rejected"])
-def test_bad_pairs_fail_with_path_and_line_before_a_model_loads(tmp_path, monkeypatch, row, message):
+@pytest.fixture
+def no_model_loads(monkeypatch) -> None:
+    """The stage fails the test if it loads its tokenizer or model (validation must come first)."""
     import rlhf.reward_model as stage
 
+    for name in ("load_scalar_model", "load_tokenizer"):
+        monkeypatch.setattr(
+            stage, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} before validation")
+        )
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_PAIRS, ids=["missing-rejected", "mistyped-rejected"])
+def test_bad_pairs_fail_with_path_and_line_before_a_model_loads(tmp_path, no_model_loads, row, message):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Fine", "chosen": "a", "rejected": "b"}, row])
     config = reward_config(tmp_path, "does-not-exist", train_data=str(bad))
-    monkeypatch.setattr(
-        stage, "load_scalar_model", lambda *a, **k: pytest.fail("model loaded before validation")
-    )
-    monkeypatch.setattr(
-        stage, "load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded before validation")
-    )
     with pytest.raises(DataError, match=f"{bad}:2: {message}"):
+        main(config)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "Hi"}, "response: missing required field"),
+        ({"prompt": "Hi", "response": None}, "response: missing required field"),
+        ({"prompt": "Hi", "response": ["Hello"]}, "response: expected a string, found list"),
+        ({"prompt": "Hi", "responses": ["a", 2]}, "responses\\[1\\]: expected a string, found int"),
+    ],
+    ids=["missing", "null", "list", "mistyped-responses"],
+)
+def test_a_bad_normalize_reference_row_fails_with_path_and_line_before_a_model_loads(
+    tmp_path, no_model_loads, row, message
+):
+    """The reference set is only scored after training; its rows are checked before the model loads."""
+    reference = write_jsonl(tmp_path / "reference.jsonl", [{"prompt": "Fine", "response": "Good"}, row])
+    config = reward_config(tmp_path, "does-not-exist", normalize_reference=str(reference))
+    with pytest.raises(DataError, match=f"{reference}:2: {message}"):
         main(config)
 
 
@@ -870,10 +893,13 @@ def test_cli_bad_pairs_exit_2_without_a_traceback(tmp_path, trained, capsys):
     # `reward score` with a row that has no response: the same contract (in process, to save an interpreter).
     config, _ = trained
     no_response = write_jsonl(
-        tmp_path / "prompts.jsonl", [{"prompt": "Hi", "response": "Hello"}, {"prompt": "Hi"}]
+        tmp_path / "prompts.jsonl",
+        [{"prompt": "Hi", "response": "Hello"}, {"prompt": "Hi"}, {"prompt": "Hi", "response": None}],
     )
     assert cli(["score", "--model", config.output_dir, "--data", str(no_response)]) == 2
-    assert f"{no_response}:2: response: missing required field" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{no_response}:2: response: missing required field" in err
+    assert f"{no_response}:3: response: missing required field" in err
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -230,6 +230,26 @@ def prompt_from_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**extra, "prompt": _check_prompt(prompt, key), "category": category}
 
 
+def scored_answers_from_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A prompt with the answers a reward model scores: `response` (a string) or `responses` (a list of them),
+    returned as `responses`."""
+    example = prompt_from_row(row)
+    if row.get("responses") is not None:
+        answers = row["responses"]
+        if not isinstance(answers, list) or not answers:
+            raise RowError(f"responses: expected a non-empty list of strings, found {_kind(answers)}")
+        bad = next((i for i, answer in enumerate(answers) if not isinstance(answer, str)), None)
+        if bad is not None:
+            raise RowError(f"responses[{bad}]: expected a string, found {_kind(answers[bad])}")
+    elif row.get("response") is None:
+        raise RowError("response: missing required field (or 'responses')")
+    elif not isinstance(row["response"], str):
+        raise RowError(f"response: expected a string, found {_kind(row['response'])}")
+    else:
+        answers = [row["response"]]
+    return {**example, "responses": answers}
+
+
 ROLES = ("system", "user", "assistant")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 DEGENERATE_POLICIES = ("drop", "error")
@@ -334,6 +354,11 @@ def load_preferences(
 
 def load_prompts(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:
     return _load(sources, lambda row: [prompt_from_row(row)], on_degenerate=None)
+
+
+def load_scored_answers(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:
+    """Prompt rows with `response` or `responses`: what `rlhf reward score` and a normalisation reference read."""
+    return _load(sources, lambda row: [scored_answers_from_row(row)], on_degenerate=None)
 
 
 LOADERS = {"sft": load_demonstrations, "pairs": load_preferences, "prompts": load_prompts}

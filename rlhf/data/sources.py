@@ -131,7 +131,7 @@ def looks_like_hub_name(source: str) -> bool:
 def read_records(source: str, problems: list[Problem]) -> Iterator[Record]:
     """Yield the rows of one file (or hub dataset); append read errors (bad JSON, bad bytes) to `problems`."""
     if looks_like_hub_name(source):
-        yield from _read_hub(source)
+        yield from _read_hub(source, problems)
         return
     if not os.path.exists(source):
         problems.append(Problem(source, 0, "file not found"))
@@ -196,7 +196,7 @@ def _read_json_array(path: str, text: str, problems: list[Problem]) -> Iterator[
         problems.append(Problem(path, 1, 'expected a list of objects (or {"data": [...]})'))
         return
     # Objects' own opening braces are found by walking the decoder, so nested braces don't shift line numbers.
-    decoder, position, lines = json.JSONDecoder(), text.index("[") + 1, []
+    decoder, position, lines = json.JSONDecoder(), _list_start(text), []
     for _ in parsed:
         while text[position] in " \t\r\n,":
             position += 1
@@ -209,6 +209,26 @@ def _read_json_array(path: str, text: str, problems: list[Problem]) -> Iterator[
         yield Record(path, line, row)
 
 
+def _list_start(text: str) -> int:
+    """The position just after the `[` of the rows: the top-level list, or the value of the top-level "data" key
+    (other keys may hold lists of their own; of repeated keys the last counts, as for `json.loads`)."""
+    decoder, position = json.JSONDecoder(), len(text) - len(text.lstrip())
+    if text[position] == "[":
+        return position + 1
+    position, start = position + 1, None  # past "{"
+    while True:
+        while text[position] in " \t\r\n,":
+            position += 1
+        if text[position] == "}":
+            return start
+        key, position = decoder.raw_decode(text, position)
+        while text[position] in " \t\r\n:":
+            position += 1
+        if key == "data":
+            start = position + 1
+        _, position = decoder.raw_decode(text, position)
+
+
 def _read_parquet(path: str) -> Iterator[Record]:
     import pyarrow.parquet as pq  # datasets depends on pyarrow
 
@@ -216,11 +236,19 @@ def _read_parquet(path: str) -> Iterator[Record]:
         yield Record(path, index, row)
 
 
-def _read_hub(source: str) -> Iterator[Record]:
+def _read_hub(source: str, problems: list[Problem]) -> Iterator[Record]:
     import datasets
 
     name, _, split = source.partition(":")
-    dataset = datasets.load_dataset(name, split=split or "train")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except (
+        Exception
+    ) as err:  # datasets raises many types (not found, offline, bad split); all mean "cannot read"
+        problems.append(
+            Problem(source, 0, f"no such file, nor a hub dataset that loads ({type(err).__name__}: {err})")
+        )
+        return
     for index, row in enumerate(dataset, start=1):
         yield Record(source, index, dict(row))
 
