@@ -59,8 +59,10 @@ from rlhf.trainer_stage import (
     StageRun,
     finish_output,
     held_out,
+    require_examples,
     start_output,
     train_with_resume,
+    trainer_args,
 )
 
 log = logging.getLogger(__name__)
@@ -505,6 +507,7 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     train_rows = encode_pairs(tokenizer, train_pairs, config, report)
     eval_rows = encode_pairs(tokenizer, eval_pairs, config, eval_report)
     log.warning("reward data: train %s; eval %s", report.summary(), eval_report.summary())
+    require_examples("train", train_rows, report, "check eval_last_rows, max_length and overflow")
 
     resolve_resume(config.resume_from_checkpoint, config.output_dir)  # fail before any model loads
     start_output(config)
@@ -526,12 +529,12 @@ def main(config: RewardStageConfig) -> dict[str, Any]:
     use_margin = any(p["margin"] is not None for p in train_pairs)
     trainer = GroupWeightedRewardTrainer(
         model=model,
-        args=config,
+        args=trainer_args(config),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         data_collator=PreferenceCollator(tokenizer.pad_token_id, use_margin),
-        callbacks=[CommitMarkerCallback(), NonFiniteLossGuard()],
+        callbacks=[CommitMarkerCallback(config.save_total_limit), NonFiniteLossGuard()],
     )
     train_metrics = train_with_resume(trainer, config)
     scoring_model = trainer.accelerator.unwrap_model(trainer.model).eval()

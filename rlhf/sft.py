@@ -8,9 +8,9 @@ empty) and hand TRL a pre-tokenised dataset, so SFT, the reward model and PPO se
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -28,8 +28,10 @@ from rlhf.trainer_stage import (
     finish_output,
     held_out,
     perplexity,
+    require_examples,
     start_output,
     train_with_resume,
+    trainer_args,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ def tokenize(config: SFTStageConfig, tokenizer, rows, report: Report) -> Dataset
         encoded = []
         for row in rows:
             ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list of ids.
+            ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
             if config.max_length and len(ids) > config.max_length:
                 if config.overflow == "drop":
                     report.drop("over max_length")
@@ -94,6 +97,11 @@ def main(config: SFTStageConfig) -> dict:
     train_set = tokenize(config, tokenizer, train_rows, report)
     eval_set = tokenize(config, tokenizer, eval_rows, eval_report)
     log.warning("SFT data: train %s; eval %s", report.summary(), eval_report.summary())
+    require_examples("train", train_set, report, "check eval_last_rows, max_length and overflow")
+    # The stage reports the eval loss before and after training, so it needs held-out examples.
+    require_examples(
+        "eval", eval_set, eval_report, "give eval_data, or eval_fraction / eval_last_rows above 0"
+    )
 
     resolve_resume(config.resume_from_checkpoint, config.output_dir)  # fail before any model loads
     start_output(config)
@@ -102,18 +110,15 @@ def main(config: SFTStageConfig) -> dict:
         config.model_name_or_path, tokenizer, config.dtype, config.trust_remote_code, config.lora_settings()
     )
     # Our labels already hold the assistant-only mask; TRL's own flag expects raw conversations.
-    trainer_args = copy.copy(config)
-    trainer_args.assistant_only_loss = False
     # Evaluate the start model inside train(): under DeepSpeed an evaluate() before train() either refuses
     # (ZeRO-1/2: "ZeRO inference only makes sense with ZeRO Stage 3") or leaves no training engine (ZeRO-3).
-    trainer_args.eval_on_start = True
     trainer = SFTTrainer(
         model=model,
-        args=trainer_args,
+        args=trainer_args(config, assistant_only_loss=False, eval_on_start=True),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[CommitMarkerCallback(), NonFiniteLossGuard()],
+        callbacks=[CommitMarkerCallback(config.save_total_limit), NonFiniteLossGuard()],
     )
     train_metrics = train_with_resume(trainer, config)
     # The first evaluation on record is the start model's (a resumed run keeps the original run's history).

@@ -5,6 +5,7 @@ TRL's trainers run the training loop as a black box; this module only wraps it w
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from rlhf.checkpoint import (
     begin_stage_output,
     mark_committed,
     resolve_resume,
+    rotate_checkpoints,
     write_manifest,
 )
 from rlhf.config import ConfigError, config_to_dict, dump_config
@@ -136,12 +138,33 @@ def held_out(examples: list[dict], config, report: Report) -> tuple[list[dict], 
     return train, evaluation, eval_report
 
 
+def require_examples(split: str, examples: list | Any, report: Report, reason: str) -> None:
+    """A split left empty (everything held out, dropped or cut) is a `ConfigError` before any model loads; the
+    Trainer would otherwise fail deep inside with a traceback."""
+    if len(examples) == 0:
+        raise ConfigError(f"{split} set: no examples left ({report.summary()}); {reason}")
+
+
 class NonFiniteWeights(RuntimeError):
     """Training produced NaN or infinite weights; nothing is committed."""
 
 
+def trainer_args(config: Any, **changes: Any) -> Any:
+    """The Trainer's copy of a stage config (the config itself is the run's record and stays as given), with
+    `changes`. Checkpoint rotation is taken from the Trainer: it deletes old checkpoints before the new one is
+    marked committed, so a crash in between would leave none; `CommitMarkerCallback` rotates after the marker."""
+    args = copy.copy(config)
+    for name, value in {**changes, "save_total_limit": None}.items():
+        setattr(args, name, value)
+    return args
+
+
 class CommitMarkerCallback(TrainerCallback):
-    """Marks each Trainer checkpoint committed once the Trainer has finished writing it, if its weights are finite."""
+    """Marks each Trainer checkpoint committed once the Trainer has finished writing it, if its weights are finite;
+    then keeps the last `keep_last` committed checkpoints (the stage's `save_total_limit`)."""
+
+    def __init__(self, keep_last: int | None = None):
+        self.keep_last = keep_last
 
     def on_save(self, args, state, control, model=None, **kwargs):
         bad = nonfinite_parameter(model) if model is not None else None
@@ -149,6 +172,7 @@ class CommitMarkerCallback(TrainerCallback):
             log.error("checkpoint-%d has non-finite weights (%s): left uncommitted", state.global_step, bad)
         elif state.is_world_process_zero:
             mark_committed(f"{args.output_dir}/checkpoint-{state.global_step}")
+            rotate_checkpoints(args.output_dir, self.keep_last)
 
 
 class NonFiniteLossGuard(TrainerCallback):

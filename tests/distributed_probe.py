@@ -56,8 +56,8 @@ def parameter_hash(model) -> str:
 
 def make_probe(probe_dir: str):
     class ProbeCallback(CommitMarkerCallback):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.steps: dict[int, str] = {}
 
         def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -191,6 +191,37 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_resume_skips_the_pa
     assert not (Path(config.output_dir) / "manifest.json").exists()
 
 
+def test_a_trainer_stage_crash_before_the_commit_marker_keeps_the_last_committed_checkpoint(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """With save_total_limit 1 the Trainer itself would delete checkpoint-6 while saving checkpoint-12, before our
+    marker commits it: a crash between the two would leave nothing to resume. We rotate after the marker."""
+    from test_sft import sft_config
+
+    import rlhf.trainer_stage as trainer_stage
+    from rlhf.sft import main as sft_main
+
+    config = sft_config(tmp_path, tiny_model_dir, save_total_limit=1, max_steps=12, save_steps=6)
+    real_mark, marked = trainer_stage.mark_committed, []
+
+    def crash_at_second_commit(path):
+        marked.append(Path(path).name)
+        if len(marked) == 2:
+            raise OSError("killed before the marker")
+        real_mark(path)
+
+    monkeypatch.setattr(trainer_stage, "mark_committed", crash_at_second_commit)
+    with pytest.raises(OSError, match="killed before the marker"):
+        sft_main(config)
+    assert marked == ["checkpoint-6", "checkpoint-12"]
+    assert [p.name for p in committed_checkpoints(config.output_dir)] == ["checkpoint-6"]
+    # Without the crash, rotation keeps only the newest committed checkpoint.
+    monkeypatch.setattr(trainer_stage, "mark_committed", real_mark)
+    (tmp_path / "whole").mkdir()
+    sft_main(sft_config(tmp_path / "whole", tiny_model_dir, save_total_limit=1, max_steps=12, save_steps=6))
+    assert [p.name for p in committed_checkpoints(tmp_path / "whole" / "sft")] == ["checkpoint-12"]
+
+
 # ------------------------------------------------------------------------------------------- 3. resume paths
 
 

@@ -99,3 +99,44 @@ def test_sft_with_packing_trains_on_the_assistant_labels(tmp_path, tiny_model_di
     metrics = main(config)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert read_manifest(config.output_dir, "sft")["config"]["packing"] is True
+
+
+def test_full_sequence_loss_tokenises_each_conversation_to_ids_and_labels(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    from rlhf.data import Report, load_demonstrations
+    from rlhf.sft import tokenize
+
+    config = sft_config(
+        tmp_path, tiny_model_dir, assistant_only_loss="false", max_length=12, overflow="truncate"
+    )
+    rows, _ = load_demonstrations(config.train_data)
+    report = Report()
+    encoded = tokenize(config, tiny_tokenizer, rows[:4], report)
+    full = tiny_tokenizer.apply_chat_template(rows[0]["messages"], tokenize=True)["input_ids"]
+    assert len(full) > 12 and report.truncated == 4
+    assert encoded[0]["input_ids"] == full[:12] and encoded[0]["labels"] == full[:12]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"eval_fraction": "0"}, "eval set: no examples left"),  # and no eval_data (removed below)
+        (
+            {"max_length": "8", "overflow": "drop"},
+            "train set: no examples left .* dropped: 96 over max_length",
+        ),
+    ],
+)
+def test_an_empty_train_or_eval_set_is_a_config_error_before_a_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, overrides, message
+):
+    import rlhf.sft as sft
+    from rlhf.config import ConfigError
+
+    config = sft_config(tmp_path, tiny_model_dir, **overrides)
+    if "eval_fraction" in overrides:
+        config.eval_data = []
+    monkeypatch.setattr(sft, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before validation"))
+    with pytest.raises(ConfigError, match=message):
+        main(config)
