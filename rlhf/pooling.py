@@ -61,13 +61,21 @@ class BertMeanPooledForSequenceClassification(BertForSequenceClassification):
         super().__init__(config)
         self.bert.pooler = None  # unused: no idle parameters for DDP to wait on
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> SequenceClassifierOutput:
+    def forward(
+        self, input_ids=None, attention_mask=None, turn_ids=None, **kwargs
+    ) -> SequenceClassifierOutput:
+        """`turn_ids`: with `inputs_embeds` (attribution), the token ids that mark where the last turn starts."""
         kwargs.pop("labels", None)  # the reward stage computes its own loss
         hidden = self.bert(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
         if self.config.pool_last_turn:
-            attention_mask = last_turn_mask(input_ids, attention_mask, self.config.eot_token_id)
+            turn_ids = input_ids if input_ids is not None else turn_ids
+            if turn_ids is None:
+                raise ValueError(
+                    "pool_last_turn: the last turn is found in token ids; pass turn_ids with inputs_embeds"
+                )
+            attention_mask = last_turn_mask(turn_ids, attention_mask, self.config.eot_token_id)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [batch, seq, 1]
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [batch, hidden]
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))

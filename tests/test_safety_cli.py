@@ -75,6 +75,18 @@ def test_cli_bad_rubric_exits_2_through_the_rlhf_command(tmp_path, capsys):
     assert f"{tmp_path / 'rubric.yaml'}: unknown keys" in err and "Traceback" not in err
 
 
+def test_cli_malformed_examples_file_exits_2_with_path_line(tmp_path, capsys):
+    """The embedding backend's examples are read before its model loads: a bad line is PATH:LINE and exit 2."""
+    (tmp_path / "examples.jsonl").write_text(
+        '{"text": "I cannot help with that.", "label": "ideal_refusal"}\n{oops\n'
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text("classifier: embedding\nexamples_path: examples.jsonl\n")
+    assert cli(["classify", "--config", str(config), str(PROMPTS)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'examples.jsonl'}:2: malformed JSON" in err and "Traceback" not in err
+
+
 def test_classification_report_counts_by_hand():
     """Per-class figures and the confusion table, counted by hand; a never-predicted class has no precision."""
     gold = ["a", "a", "a", "b", "b", "c"]

@@ -182,3 +182,21 @@ def test_examples_path_accepts_labelled_files(tmp_path):
     )
     # A helping example is filed under the helping class the completion labels use.
     assert "Sure, step 1" in clf._class_texts["completion"]["compliance"]
+
+
+@pytest.mark.parametrize("kind", ["llm-judge", "zero-shot-nli", "embedding"])
+def test_model_backends_refuse_custom_code_and_pickle_only_weights(tmp_path, kind):
+    """Safetensors only and no remote code, as for the stage models: checked before anything is unpickled."""
+    from rlhf.models import ModelLoadError
+    from rlhf.safety import build_classifier
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    (model / "pytorch_model.bin").write_bytes(b"never unpickled")
+    values = {"classifier": kind, "model_name_or_path": str(model), "rubric_path": str(RUBRIC)}
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        build_classifier(SafetyConfig.from_dict(values))
+    (model / "config.json").write_text('{"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}')
+    with pytest.raises(ModelLoadError, match="auto_map"):
+        build_classifier(SafetyConfig.from_dict(values))

@@ -237,7 +237,8 @@ def scored_answers_from_row(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("responses") is not None:
         answers = row["responses"]
         if not isinstance(answers, list) or not answers:
-            raise RowError(f"responses: expected a non-empty list of strings, found {_kind(answers)}")
+            found = "an empty list" if answers == [] else _kind(answers)
+            raise RowError(f"responses: expected a non-empty list of strings, found {found}")
         bad = next((i for i, answer in enumerate(answers) if not isinstance(answer, str)), None)
         if bad is not None:
             raise RowError(f"responses[{bad}]: expected a string, found {_kind(answers[bad])}")

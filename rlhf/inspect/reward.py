@@ -32,13 +32,21 @@ GROUPS = ("marked", "rest of answer", "prompt and template")
 """Where a token sits: in the --mark span of the answer, elsewhere in the answer, or in the prompt/template."""
 
 
-def _score(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
-    """Scores [batch] of unpadded sequences [batch, seq, hidden], read at the last token."""
-    return model(inputs_embeds=embeds).logits[:, 0].float()
+def _score(model: nn.Module, embeds: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [batch] of unpadded sequences [batch, seq, hidden], read as the model reads them. A model that pools
+    over the last turn finds it in the token ids `ids` [seq] (the embeddings may be blanked)."""
+    pools_a_turn = getattr(model.config, "pool_last_turn", False) if hasattr(model, "config") else False
+    extra = {"turn_ids": ids.expand(len(embeds), -1)} if pools_a_turn and ids is not None else {}
+    return model(inputs_embeds=embeds, **extra).logits[:, 0].float()
 
 
 def integrated_gradients(
-    model: nn.Module, embeds: torch.Tensor, baseline: torch.Tensor, steps: int = 64, batch: int = 16
+    model: nn.Module,
+    embeds: torch.Tensor,
+    baseline: torch.Tensor,
+    steps: int = 64,
+    batch: int = 16,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token attributions [seq] of the score: midpoint rule over `steps` points of the straight path."""
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
@@ -46,24 +54,28 @@ def integrated_gradients(
     for start in range(0, steps, batch):
         alpha = alphas[start : start + batch].view(-1, 1, 1)
         path = (baseline + alpha * (embeds - baseline)).detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_score(model, path).sum(), path)
+        (grad,) = torch.autograd.grad(_score(model, path, ids).sum(), path)
         grad_sum += grad.sum(0)
     return ((embeds - baseline) * grad_sum / steps).sum(-1)
 
 
 @torch.no_grad()
 def leave_one_out(
-    model: nn.Module, embeds: torch.Tensor, baseline: torch.Tensor, batch: int = 16
+    model: nn.Module,
+    embeds: torch.Tensor,
+    baseline: torch.Tensor,
+    batch: int = 16,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """score(x) - score(x with position i set to the baseline), for every position i: [seq]."""
-    full = _score(model, embeds[None])[0]
+    full = _score(model, embeds[None], ids)[0]
     seq = embeds.shape[0]
     drops = []
     for start in range(0, seq, batch):
         positions = torch.arange(start, min(start + batch, seq))
         edited = embeds.repeat(len(positions), 1, 1)
         edited[torch.arange(len(positions)), positions] = baseline[positions]
-        drops.append(full - _score(model, edited))
+        drops.append(full - _score(model, edited, ids))
     return torch.cat(drops)
 
 
@@ -91,13 +103,14 @@ def attribute_answer(
     the baseline is the same conversation with its words blanked, and those positions get attribution 0. The
     score is read at the final end-of-turn token, so blanking it would hand that one token most of the score.
     """
-    embeds = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    id_tensor = torch.tensor(ids)
+    embeds = model.get_input_embeddings()(id_tensor).detach()
     kept = torch.tensor(keep if keep is not None else [False] * len(ids))
     baseline = torch.where(kept[:, None], embeds, baseline_vector.expand_as(embeds))
-    ig = integrated_gradients(model, embeds, baseline, steps)
-    loo = leave_one_out(model, embeds, baseline)
+    ig = integrated_gradients(model, embeds, baseline, steps, ids=id_tensor)
+    loo = leave_one_out(model, embeds, baseline, ids=id_tensor)
     with torch.no_grad():
-        score, base_score = _score(model, torch.stack([embeds, baseline])).tolist()
+        score, base_score = _score(model, torch.stack([embeds, baseline]), id_tensor).tolist()
     return {
         "score": score,
         "baseline_score": base_score,
@@ -163,23 +176,14 @@ def check_reward_model(path: str) -> None:
 def load_answers(path: str, category: str | None = None) -> list[tuple[list[dict], str, dict]]:
     """(prompt messages, answer, row) for every answer in the file (of one prompt category if given); a row
     without an answer is an error."""
-    from rlhf.data import DataError, load_prompts, problem_at
+    from rlhf.data import load_scored_answers
 
-    rows, _ = load_prompts(path)  # an empty file is already an error there
+    rows, _ = load_scored_answers(path)  # each answer checked (PATH:LINE); an empty file is an error there
     if category is not None:
         rows = [row for row in rows if row.get("category") == category]
         if not rows:
             raise InspectError(f"{path}: no row has category {category!r}")
-    missing = [row for row in rows if "response" not in row and "responses" not in row]
-    if missing:
-        raise DataError(
-            [problem_at(row, "response: missing required field (or 'responses')") for row in missing]
-        )
-    return [
-        (row["prompt"], answer, row)
-        for row in rows
-        for answer in (row["responses"] if "responses" in row else [row["response"]])
-    ]
+    return [(row["prompt"], answer, row) for row in rows for answer in row["responses"]]
 
 
 def run(args: argparse.Namespace) -> int:

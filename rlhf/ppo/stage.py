@@ -73,13 +73,14 @@ def load_prompt_set(
 
 
 def check_reward_sources(config: PPOStageConfig) -> None:
-    """Every named source resolves (a user function imports, the safety config parses): a `ConfigError` before any
-    model loads, rather than after the policy, reference and value models have."""
+    """Every named source resolves (a user function imports; the safety config, its rubric and examples read): an
+    error (exit 2) before any model loads, rather than after the policy, reference and value models have."""
     for name in config.reward_sources:
         if name == "safety":
             from rlhf.safety import SafetyConfig
+            from rlhf.safety.reward import read_classifier_files
 
-            SafetyConfig.from_yaml(config.safety_config)
+            read_classifier_files(SafetyConfig.from_yaml(config.safety_config))
         elif name != "reward_model":
             load_function(name, config.reward_allowed_modules)
 

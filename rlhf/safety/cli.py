@@ -14,6 +14,7 @@ import numpy as np
 
 from rlhf.config import ConfigError
 from rlhf.data import DataError
+from rlhf.models import ModelLoadError
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES, SafetyConfig
 from rlhf.safety.labelled import read_labelled
@@ -100,7 +101,7 @@ def cli(argv: list[str]) -> int:
     try:
         classifier = build_classifier(config)
         key, gold_key, classes, pred = _classify(classifier, mode, rows)
-    except ConfigError as exc:  # the rubric, read before any model loads
+    except (ConfigError, DataError, ModelLoadError) as exc:  # files read (and model checked) before it loads
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (RewardSourceError, OSError, ValueError) as exc:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf.models import check_model_dir
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_device
 from rlhf.safety.config import EMBEDDING_RULES, HELP_CLASSES
@@ -105,8 +106,13 @@ class EmbeddingClassifier(SafetyClassifier):
         if encoder is None:
             from sentence_transformers import SentenceTransformer  # lazy: optional dependency
 
+            path = model or default_embedding_model()
+            check_model_dir(path, trust_remote_code=False)  # no custom code, no pickle-only weights
             encoder = SentenceTransformer(
-                model or default_embedding_model(), device=resolve_device(device), trust_remote_code=False
+                path,
+                device=resolve_device(device),
+                trust_remote_code=False,
+                model_kwargs={"use_safetensors": True},
             )
         self.encoder = encoder
         self.prompt_labels, self.completion_labels = dict(prompt_labels), dict(completion_labels)

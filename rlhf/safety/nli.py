@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from transformers import pipeline
 
+from rlhf.models import check_model_dir
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_device
 
@@ -29,9 +30,16 @@ class NLIClassifier(SafetyClassifier):
         super().__init__(batch_size)
         self.prompt_labels, self.completion_labels = prompt_labels, completion_labels
         self.hypothesis_template = hypothesis_template
-        self.pipe = pipe or pipeline(
-            "zero-shot-classification", model=model, device=resolve_device(device), trust_remote_code=False
-        )
+        if pipe is None:
+            check_model_dir(model, trust_remote_code=False)  # no custom code, no pickle-only weights
+            pipe = pipeline(
+                "zero-shot-classification",
+                model=model,
+                device=resolve_device(device),
+                trust_remote_code=False,
+                model_kwargs={"use_safetensors": True},
+            )
+        self.pipe = pipe
 
     def _zero_shot(self, texts: list[str], labels: dict[str, str]) -> list[str]:
         classes, candidates = list(labels), list(labels.values())

@@ -23,8 +23,20 @@ from rlhf.safety.rubric import load_rubric
 from rlhf.safety.rules import RulesClassifier
 
 
-def build_classifier(config: SafetyConfig) -> SafetyClassifier:
+def read_classifier_files(config: SafetyConfig) -> tuple[Any, dict[str, list[str]]]:
+    """The rubric and the embedding backend's examples (inline and from `examples_path`): every file a classifier
+    reads, so that a bad one is an error before its model loads (PPO checks them before loading the policy)."""
     rubric = load_rubric(config.rubric_path)
+    examples = {c: list(t) for c, t in config.examples.items()}
+    if config.classifier == "embedding":
+        for path in config.examples_paths:
+            for c, texts in load_examples(path).items():
+                examples.setdefault(c, []).extend(texts)
+    return rubric, examples
+
+
+def build_classifier(config: SafetyConfig) -> SafetyClassifier:
+    rubric, examples = read_classifier_files(config)
     if config.classifier == "rules":
         return RulesClassifier(rubric, config.batch_size)
     if config.classifier == "llm-judge":
@@ -42,10 +54,6 @@ def build_classifier(config: SafetyConfig) -> SafetyClassifier:
             config.batch_size,
             config.device,
         )
-    examples = {c: list(t) for c, t in config.examples.items()}
-    for path in config.examples_paths:
-        for c, texts in load_examples(path).items():
-            examples.setdefault(c, []).extend(texts)
     return EmbeddingClassifier(
         config.model_name_or_path,
         prompt_labels,
