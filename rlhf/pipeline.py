@@ -6,7 +6,8 @@ Each stage runs as its own `accelerate launch` process with the same accelerate/
 output directories: SFT starts from `base_model`, the reward model from the SFT output, PPO from both. A stage
 whose manifest is complete, whose files verify and whose recorded config equals the one this run would use is
 skipped, so an interrupted pipeline resumes (the interrupted stage itself resumes from its last committed
-checkpoint); every stage after one that runs (or that finished later than it) runs too, its input being new.
+checkpoint). Every stage after one that runs (or that finished later than it) runs too, its input being new; a
+stage that runs for a reason other than an interruption starts afresh, its previous output moved aside.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf.checkpoint import HandoffError, read_manifest
+import yaml
+
+from rlhf.checkpoint import MANIFEST, HandoffError, read_manifest
 from rlhf.config import config_to_dict, parse_config
 
 log = logging.getLogger(__name__)
@@ -119,13 +122,42 @@ def finished_manifest(stage: str, output_dir: str, argv: list[str]) -> dict[str,
         manifest = read_manifest(output_dir, stage)
     except HandoffError:
         return None
-    wanted = json.loads(json.dumps(config_to_dict(stage_config(stage, argv))))
-    recorded = manifest.get("config", {})
-    differs = [k for k in wanted if k not in IGNORED_FOR_SKIP and wanted[k] != recorded.get(k)]
+    differs = config_changes(stage, argv, manifest.get("config", {}))
     if differs:
         log.warning("%s: config changed (%s): running again", stage, ", ".join(differs[:5]))
         return None
     return manifest
+
+
+def config_changes(stage: str, argv: list[str], recorded: dict[str, Any]) -> list[str]:
+    """The fields where the config this pipeline would run differs from a recorded one."""
+    wanted = json.loads(json.dumps(config_to_dict(stage_config(stage, argv))))
+    return [k for k in wanted if k not in IGNORED_FOR_SKIP and wanted[k] != recorded.get(k)]
+
+
+def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | None) -> bool:
+    """Whether the output holds an interrupted run to continue: unfinished (no manifest), started (its config.yaml
+    written) with the config we would run now, and after the output of the stage before it was made. Anything else
+    starts afresh: resuming a finished or stale run's last checkpoint would hand back its old weights."""
+    started = Path(output_dir, "config.yaml")
+    if not started.is_file() or Path(output_dir, MANIFEST).exists():
+        return False
+    if config_changes(stage, argv, yaml.safe_load(started.read_text()) or {}):
+        return False
+    if upstream is not None:
+        _, upstream_manifest = upstream
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started.stat().st_mtime))
+        if upstream_manifest is None or upstream_manifest["created"] > started_at:
+            return False
+    return True
+
+
+def set_aside(stage: str, output_dir: str) -> None:
+    """Move a previous output out of the way of a fresh run (kept, never deleted: it may be someone's result)."""
+    if Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
+        target = f"{output_dir}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(output_dir, target)
+        print(f"[pipeline] {stage:<7} previous output moved to {target}", flush=True)
 
 
 def is_stale(manifest: dict[str, Any], upstream: str, upstream_manifest: dict[str, Any] | None) -> bool:
@@ -182,14 +214,18 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         manifest = finished_manifest(stage, output_dir, argv)
         if manifest is not None and upstream is not None and is_stale(manifest, *upstream):
             manifest = None
-        upstream = (stage, manifest)
         if manifest is not None:
             wall = manifest["metrics"].get("wall_seconds")
             print(f"[pipeline] {stage:<7} skipped (complete: {output_dir}, {wall}s when it ran)", flush=True)
             stages[stage] = {"wall_seconds": wall, "skipped": True}
+            upstream = (stage, manifest)
             continue
+        resume = "auto" if resumable(stage, output_dir, argv, upstream) else "none"
+        if resume == "none":
+            set_aside(stage, output_dir)
+        upstream = (stage, None)
         module = {"sft": "rlhf.sft", "reward": "rlhf.reward_model", "ppo": "rlhf.ppo"}[stage]
-        launch(config, module, [*argv, "--resume_from_checkpoint", "auto"])
+        launch(config, module, [*argv, "--resume_from_checkpoint", resume])
         wall = round(time.time() - start, 1)
         stages[stage] = {"wall_seconds": wall, "skipped": False}
         print(f"[pipeline] {stage:<7} done in {wall}s -> {output_dir}", flush=True)

@@ -93,21 +93,36 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
     assert second.count("skipped (complete") == 3
     assert calls["read_manifest"] == 3  # each finished stage's manifest read (and its files hashed) once
 
-    # A new SFT output makes the reward model and PPO stale although their configs are unchanged: rerun them.
-    launched: list[str] = []
-    monkeypatch.setattr(rlhf.pipeline, "launch", lambda config, module, argv: launched.append(module))
-    sft_manifest = tmp_path / "run" / "sft" / "manifest.json"
-    recorded = json.loads(sft_manifest.read_text())
-    sft_manifest.write_text(
-        json.dumps({**recorded, "created": "2999-01-01T00:00:00Z"})
-    )  # rerun by hand, later
+    # What runs next, and whether it resumes: the real launches, recorded.
+    launched: list[tuple[str, str]] = []
+    real_launch = rlhf.pipeline.launch
+
+    def recorded(config, module, argv):
+        launched.append((module, argv[argv.index("--resume_from_checkpoint") + 1]))
+        real_launch(config, module, argv)
+
+    monkeypatch.setattr(rlhf.pipeline, "launch", recorded)
+    created = lambda stage: json.loads((tmp_path / "run" / stage / "manifest.json").read_text())["created"]  # noqa: E731
+    # An interrupted PPO run (started with this config, no manifest yet) resumes.
+    (tmp_path / "run" / "ppo" / "manifest.json").unlink()
     run(config)
-    assert launched == ["rlhf.reward_model", "rlhf.ppo"]
-    assert capsys.readouterr().out.count("skipped (complete") == 1
-    sft_manifest.write_text(json.dumps(recorded))
+    assert launched == [("rlhf.ppo", "auto")]
+    # An SFT output newer than the reward model (say, retrained by hand) makes the reward model and PPO stale
+    # though their configs are unchanged: they run afresh, not from their old checkpoints, old outputs kept aside.
+    launched.clear()
+    sft_manifest = tmp_path / "run" / "sft" / "manifest.json"
+    sft_manifest.write_text(
+        json.dumps({**json.loads(sft_manifest.read_text()), "created": "2999-01-01T00:00:00Z"})
+    )
+    before = {stage: created(stage) for stage in ("reward", "ppo")}
+    run(config)
+    assert launched == [("rlhf.reward_model", "none"), ("rlhf.ppo", "none")]
+    assert all(created(stage) != before[stage] for stage in before)
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "run").glob("*.replaced-*")) == ["ppo", "reward"]
+    # A changed SFT config retrains SFT and, after it, everything downstream.
     launched.clear()
     (tmp_path / "sft.yaml").write_text(
         (tmp_path / "sft.yaml").read_text().replace("max_steps: 3", "max_steps: 4")
     )
     run(config)
-    assert launched == ["rlhf.sft", "rlhf.reward_model", "rlhf.ppo"]
+    assert launched == [("rlhf.sft", "none"), ("rlhf.reward_model", "none"), ("rlhf.ppo", "none")]
