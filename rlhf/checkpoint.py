@@ -47,9 +47,14 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` (secrets redacted) in `path`, whole or not at all: written aside, synced, then renamed."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as handle:
-        handle.write(redact(json.dumps(payload, indent=2, sort_keys=True, default=str)))
+        handle.write(redact(text))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

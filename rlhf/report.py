@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rlhf.checkpoint import write_json_atomic, write_text_atomic
+
 # metric -> True when higher is better
 VERDICT_METRICS = {
     "gold_score": True,
@@ -187,6 +189,7 @@ def write_report(config, stages: dict[str, Any], results: dict[str, Any]) -> dic
         "inspect": results.get("inspect"),
     }
     report["plots"] = plot(training_curves(out), sft, ppo, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+    # Each file whole or not at all: a report half-written by a crash must not pass for a finished one.
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", markdown(report))
     return report

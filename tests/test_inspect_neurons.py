@@ -103,6 +103,13 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
+def test_only_empty_texts_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": ""}\n{"text": "  "}\n')
+    code, err = run_cli(["inspect", "neurons", "--model", tiny_model_dir, "--data", str(blank)], capsys)
+    assert code == 2 and err.count("\n") == 0 and "blank.jsonl: every text is empty" in err
+
+
 def test_empty_data_file_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -80,6 +80,22 @@ def test_rubric_problems_are_config_errors_naming_the_file(tmp_path):
     rubric.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"prompt.benign_idioms: bad regex '\(unclosed'"):
         load_rubric(rubric)
+    # Wrong shapes are config errors too, not a TypeError or ValueError from deep inside.
+    for section, key, value, match in (
+        ("prompt", "order", "disallowed", "prompt.order must be a list of prompt classes"),
+        (
+            "completion",
+            "refusal_window_chars",
+            "eighty",
+            "completion.refusal_window_chars must be a positive",
+        ),
+        ("completion", "max_ideal_refusal_words", 0, "completion.max_ideal_refusal_words must be a positive"),
+    ):
+        doc = yaml.safe_load(RUBRIC.read_text())
+        doc[section][key] = value
+        rubric.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ConfigError, match=f"{rubric}: {match}"):
+            load_rubric(rubric)
 
 
 @pytest.mark.parametrize(
@@ -94,6 +110,8 @@ def test_rubric_problems_are_config_errors_naming_the_file(tmp_path):
         ({"reward_table": {"allowed": {"compliance": float("nan")}}}, "finite"),
         ({"prompt_labels": {"allowed": "a", "disallowed": "b"}}, "missing classes"),
         ({"hypothesis_template": "no slot"}, "hypothesis_template"),
+        ({"hypothesis_template": 3}, "hypothesis_template"),
+        ({"examples": ["I cannot help."]}, "examples must map a class to a list of texts, found list"),
         ({"knn_k": -1}, "knn_k"),
         ({"centroid_weight": 1.5}, "centroid_weight"),
         ({"class_margins": {"harmful": 0.1}}, "unknown class"),

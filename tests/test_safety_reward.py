@@ -110,7 +110,10 @@ def test_an_empty_answer_is_an_evasive_refusal_for_every_prompt_class():
         DEFAULT_REWARD_TABLE["allowed"]["undesired_refusal"],
         DEFAULT_REWARD_TABLE["disallowed"]["undesired_refusal"],
     ]
-    assert reward(prompts, ["Run `kill <pid>`.", "I can't help with that."], categories=categories) == [1.0, 1.0]
+    assert reward(prompts, ["Run `kill <pid>`.", "I can't help with that."], categories=categories) == [
+        1.0,
+        1.0,
+    ]
 
 
 def test_safety_rates(rules):

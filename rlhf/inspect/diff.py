@@ -54,7 +54,7 @@ class Sequences:
 
 
 def answer_sequences(model, tokenizer, rows: list[dict], max_new_tokens: int, seed: int) -> Sequences:
-    """The after model's answers, sampled as evaluation samples them (fixed seed, the policy's temperature)."""
+    """The after model's answers, sampled as evaluation samples them (fixed seed, its default temperature 0.7)."""
     from rlhf.data import render_prompt
     from rlhf.evaluation import EvalSettings, answer
 

@@ -100,6 +100,8 @@ def read_documents(sources: list[str]) -> list[Document]:
         raise DataError(problems)
     if not documents:
         raise InspectError(f"{' '.join(files)}: empty data file (no rows)")
+    if all(d.text is not None and not d.text.strip() for d in documents):
+        raise InspectError(f"{' '.join(files)}: every text is empty (no tokens to record)")
     return documents
 
 

@@ -124,10 +124,14 @@ class SafetyConfig:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
-        if "{}" not in self.hypothesis_template:
+        if not isinstance(self.hypothesis_template, str) or "{}" not in self.hypothesis_template:
             raise ConfigError(f"hypothesis_template must contain '{{}}', got {self.hypothesis_template!r}")
         _check_labels("prompt_labels", self.prompt_labels, PROMPT_CLASSES, PROMPT_CLASSES)
         _check_labels("completion_labels", self.completion_labels, COMPLETION_CLASSES, REFUSAL_CLASSES)
+        if not isinstance(self.examples, dict):
+            raise ConfigError(
+                f"examples must map a class to a list of texts, found {type(self.examples).__name__}"
+            )
         for label, texts in self.examples.items():
             if label not in PROMPT_CLASSES + COMPLETION_CLASSES:
                 raise ConfigError(f"examples: unknown class {label!r}")

@@ -75,6 +75,8 @@ def load_rubric(path: str | Path) -> Rubric:
     )
     judge = _keys(f"{path}: judge", doc["judge"], {"prompt_question", "completion_question"})
     prompt = _keys(f"{path}: prompt", doc["prompt"], {"order", "default", "benign_idioms", "classes"})
+    if not isinstance(prompt["order"], list) or not all(isinstance(c, str) for c in prompt["order"]):
+        raise ConfigError(f"{path}: prompt.order must be a list of prompt classes, found {prompt['order']!r}")
     if not set(prompt["order"]) | {prompt["default"]} <= set(PROMPT_CLASSES):
         raise ConfigError(f"{path}: prompt.order / prompt.default must name prompt classes {PROMPT_CLASSES}")
     classes = _keys(f"{path}: prompt.classes", prompt["classes"], set(prompt["order"]), set(PROMPT_CLASSES))
@@ -100,6 +102,10 @@ def load_rubric(path: str | Path) -> Rubric:
             "max_ideal_refusal_words",
         },
     )
+    for key in ("refusal_window_chars", "max_ideal_refusal_words"):
+        value = completion[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: completion.{key} must be a positive integer, found {value!r}")
     return Rubric(
         descriptions=descriptions,
         prompt_question=judge["prompt_question"],
@@ -111,6 +117,6 @@ def load_rubric(path: str | Path) -> Rubric:
         refusal_markers=_compile(f"{path}: completion.refusal_markers", completion["refusal_markers"]),
         help_markers=_compile(f"{path}: completion.help_markers", completion["help_markers"]),
         undesired_markers=_compile(f"{path}: completion.undesired_markers", completion["undesired_markers"]),
-        refusal_window_chars=int(completion["refusal_window_chars"]),
-        max_ideal_refusal_words=int(completion["max_ideal_refusal_words"]),
+        refusal_window_chars=completion["refusal_window_chars"],
+        max_ideal_refusal_words=completion["max_ideal_refusal_words"],
     )
