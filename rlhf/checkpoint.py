@@ -99,12 +99,14 @@ def committed_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(2)))
 
 
-def rotate_checkpoints(directory: str | Path, keep_last: int | None) -> None:
-    """Delete old committed checkpoints; called only after the newest one is committed."""
-    if not keep_last:
+def rotate_checkpoints(directory: str | Path, keep_last: int | None, protect: str | None = None) -> None:
+    """Delete old committed checkpoints but the last `keep_last` (None or < 1: keep all, as transformers reads
+    `save_total_limit`) and `protect` (the Trainer's best checkpoint); called only after the newest is committed."""
+    if not keep_last or keep_last < 1:
         return
     for old in committed_checkpoints(directory)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if protect is None or old.resolve() != Path(protect).resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_resume(request: str | bool | None, directory: str | Path) -> str | None:

@@ -94,6 +94,6 @@ def redact(text: str) -> str:
 
 
 def dump_config(config: Any, path: str) -> None:
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=True)
-    with open(path, "w") as handle:
-        handle.write(redact(text))
+    from rlhf.checkpoint import write_text_atomic  # rlhf.checkpoint imports this module
+
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=True))  # redacted there

@@ -142,7 +142,11 @@ def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | No
     started = Path(output_dir, "config.yaml")
     if not started.is_file() or Path(output_dir, MANIFEST).exists():
         return False
-    if config_changes(stage, argv, yaml.safe_load(started.read_text()) or {}):
+    try:
+        recorded = yaml.safe_load(started.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    if config_changes(stage, argv, recorded):
         return False
     if upstream is not None:
         _, upstream_manifest = upstream
@@ -155,7 +159,10 @@ def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | No
 def set_aside(stage: str, output_dir: str) -> None:
     """Move a previous output out of the way of a fresh run (kept, never deleted: it may be someone's result)."""
     if Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
-        target = f"{output_dir}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        base = f"{output_dir}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+        target, n = base, 1
+        while os.path.exists(target):  # set aside twice within a second
+            target, n = f"{base}-{n}", n + 1
         os.rename(output_dir, target)
         print(f"[pipeline] {stage:<7} previous output moved to {target}", flush=True)
 

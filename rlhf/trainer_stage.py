@@ -161,7 +161,8 @@ def trainer_args(config: Any, **changes: Any) -> Any:
 
 class CommitMarkerCallback(TrainerCallback):
     """Marks each Trainer checkpoint committed once the Trainer has finished writing it, if its weights are finite;
-    then keeps the last `keep_last` committed checkpoints (the stage's `save_total_limit`)."""
+    then keeps the last `keep_last` committed checkpoints (the stage's `save_total_limit`) and, as the Trainer's own
+    rotation did, the best one (`load_best_model_at_end`)."""
 
     def __init__(self, keep_last: int | None = None):
         self.keep_last = keep_last
@@ -172,7 +173,7 @@ class CommitMarkerCallback(TrainerCallback):
             log.error("checkpoint-%d has non-finite weights (%s): left uncommitted", state.global_step, bad)
         elif state.is_world_process_zero:
             mark_committed(f"{args.output_dir}/checkpoint-{state.global_step}")
-            rotate_checkpoints(args.output_dir, self.keep_last)
+            rotate_checkpoints(args.output_dir, self.keep_last, protect=state.best_model_checkpoint)
 
 
 class NonFiniteLossGuard(TrainerCallback):

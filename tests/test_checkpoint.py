@@ -36,6 +36,17 @@ def test_rotation_keeps_the_newest_committed(tmp_path):
     assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-2", "step-3"]
 
 
+def test_rotation_keeps_everything_for_a_limit_below_one_and_always_the_protected(tmp_path):
+    for step in (1, 2, 3, 4):
+        with atomic_directory(tmp_path / f"checkpoint-{step}") as tmp:
+            (tmp / "w").write_text(str(step))
+    for limit in (0, -1, -2):  # transformers reads save_total_limit <= 0 as "no rotation"
+        rotate_checkpoints(tmp_path, keep_last=limit)
+        assert len(committed_checkpoints(tmp_path)) == 4
+    rotate_checkpoints(tmp_path, keep_last=1, protect=str(tmp_path / "checkpoint-2"))  # the Trainer's best
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_resume_paths(tmp_path, caplog):
     with pytest.raises(ResumeError, match="does not exist"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
