@@ -148,8 +148,10 @@ def init_tiny(argv: list[str]) -> int:
         from rlhf.models import count_parameters, init_tiny, load_causal_lm
 
         size = TinySize(args.hidden_size, args.layers, args.heads, args.intermediate_size, args.vocab_size)
-        corpus = [c for c in args.corpus if os.path.exists(c)]
-        init_tiny(args.output_dir, size, corpus, args.seed)
+        missing = [c for c in args.corpus if not os.path.exists(c)]
+        if missing:  # else the tokenizer would quietly be trained on a placeholder sentence
+            raise ConfigError(f"--corpus: no such file or directory: {', '.join(missing)}")
+        init_tiny(args.output_dir, size, args.corpus, args.seed)
         params = count_parameters(load_causal_lm(args.output_dir))
         print(f"wrote {args.output_dir}: Llama, {params / 1e6:.2f}M parameters")
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.data import load_prompts, render_prompt
-from rlhf.rollout import Rollout, cut_after_eos, generate, left_pad, policy_forward
+from rlhf.rollout import Rollout, check_sampling, cut_after_eos, generate, left_pad, policy_forward
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class EvalSettings:
     seed: int = 0
     samples_shown: int = 12
     reward_allowed_modules: list[str] = field(default_factory=lambda: ["rlhf."])
+
+    def __post_init__(self) -> None:
+        check_sampling(self)
 
 
 @dataclass

@@ -47,7 +47,7 @@ def check_model_dir(path: str, trust_remote_code: bool) -> None:
     names = os.listdir(path)
     has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     has_safetensors = any(n.endswith(".safetensors") for n in names)
-    if has_pickle and not has_safetensors and not (Path(path) / "adapter_config.json").exists():
+    if has_pickle and not has_safetensors:  # a LoRA adapter's weights too (adapter_model.bin)
         raise ModelLoadError(f"{path}: only pickle weights (.bin/.pt); convert them to safetensors")
 
 
@@ -96,7 +96,12 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
     base = (
         json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
     )
-    model = getattr(transformers, auto_class).from_pretrained(base, **options)
+    if base != path:
+        check_model_dir(base, trust_remote_code)  # the adapter's base is held to the same rules
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(base, **options)
+    except OSError as err:  # a hub name that does not resolve (or a missing path that looks like one)
+        raise ModelLoadError(f"{base}: cannot load a model ({err})") from None
     _resize_for(model, tokenizer)
     if adapter_config.exists():
         from peft import PeftModel

@@ -74,22 +74,52 @@ def cut_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[Tenso
     return torch.where(mask, response_ids, pad_id), mask.long(), has_eos
 
 
+def check_sampling(settings) -> None:
+    """Sampling settings `generate` can use (PPO's config and evaluation's share the names): a `ConfigError` at
+    parse time, not a transformers error after the models have loaded."""
+    from rlhf.config import ConfigError
+
+    if not settings.temperature > 0:
+        raise ConfigError(
+            f"temperature: must be above 0 (sampling divides the logits by it), found {settings.temperature}"
+        )
+    if settings.top_k < 0:
+        raise ConfigError(f"top_k: must be 0 (off) or more, found {settings.top_k}")
+    if not 0 < settings.top_p <= 1:
+        raise ConfigError(f"top_p: must be in (0, 1] (1 = off), found {settings.top_p}")
+    if settings.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be at least 1, found {settings.max_new_tokens}")
+
+
 @torch.no_grad()
 def generate(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, tokenizer, config) -> Tensor:
-    """Sample responses with the KV cache. top_k 0 / top_p 1 by default so the sampled distribution is the policy's."""
-    output = policy.generate(
-        input_ids=query_ids,
-        attention_mask=query_mask,
-        max_new_tokens=config.max_new_tokens,
-        do_sample=True,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        # Full length: sample past EOS (cut afterwards) rather than forbid EOS, which would change the distribution.
-        eos_token_id=None if config.always_full_length else tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    """Sample responses with the KV cache. top_k 0 / top_p 1 by default so the sampled distribution is the policy's.
+
+    Only our settings apply: transformers fills every setting not passed from the checkpoint's
+    `generation_config.json` (an instruct model's `repetition_penalty`, `min_new_tokens`, `no_repeat_ngram_size`...),
+    which would sample from another distribution than the one the log-prob passes score. So the model's own
+    generation config is set aside for the call."""
+    from transformers import GenerationConfig
+
+    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # PEFT: the HF model
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        output = policy.generate(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=True,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            # Full length: sample past EOS (cut afterwards) rather than forbid EOS, which changes the distribution.
+            eos_token_id=None if config.always_full_length else tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+    finally:
+        model.generation_config = own
     return output[:, query_ids.shape[1] :]
 
 
@@ -264,9 +294,11 @@ def policy_forward(
 def value_forward(value_model: nn.Module, batch: Rollout, lay: Layout | None = None) -> Tensor:
     """Per-token values [B, Lr] (0 on padding): the value head on the hidden state before each response token."""
     lay = lay or layout(batch, is_packed(value_model))
-    backbone = getattr(value_model, value_model.base_model_prefix)
+    # A LoRA value model (a reward model saved as adapter + head): its adapters sit inside the HF model's modules.
+    model = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**lay.inputs, use_cache=False).last_hidden_state[:, lay.positions][lay.select]  # [R, H]
-    head = value_model.score if hasattr(value_model, "score") else value_model.classifier
+    head = model.score if hasattr(model, "score") else model.classifier
     return scatter_tokens(head(hidden).squeeze(-1).float(), lay.response_mask)
 
 

@@ -34,6 +34,10 @@ def load_results(path: str) -> dict[tuple[int, int], tuple[int, int]]:
             problems.append(
                 Problem(path, record.line, f"{bad[0]}: expected a number, got {row.get(bad[0])!r}")
             )
+        elif row["eval_pairs"] < 1:
+            problems.append(
+                Problem(path, record.line, f"eval_pairs: expected at least 1, got {row['eval_pairs']!r}")
+            )
         elif key in runs:
             problems.append(
                 Problem(path, record.line, f"fold {key[0]}, seed {key[1]}: already on an earlier line")
@@ -106,6 +110,9 @@ def main(argv: list[str]) -> int:
         "--effect", type=float, default=0.01, help="The accuracy difference to size the runs needed for."
     )
     args = parser.parse_args(argv)
+    if not args.effect > 0:
+        print(f"error: --effect: expected a positive accuracy difference, got {args.effect}", file=sys.stderr)
+        return 2
     try:
         baseline, other = load_results(args.baseline), load_results(args.other)
         comparison = paired(baseline, other, args.selection_fold, args.effect)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import parse_config
+from rlhf.config import ConfigError, parse_config
 from rlhf.data import Report
 from rlhf.models import load_scalar_model, load_tokenizer
 from rlhf.reward_model import RewardStageConfig, encode_pairs, load_pairs, main, pair_metrics, score_pairs
@@ -64,7 +64,7 @@ def move_block_last(lines: list[str], fold: int, size: int) -> list[str]:
     """The lines with block `fold` (lines fold*size .. fold*size+size-1) moved to the end, others in order."""
     blocks = len(lines) // size
     if not 0 <= fold < blocks:
-        raise ValueError(f"fold {fold} is outside 0..{blocks - 1} ({len(lines)} rows in blocks of {size})")
+        raise ConfigError(f"fold {fold} is outside 0..{blocks - 1} ({len(lines)} rows in blocks of {size})")
     start = fold * size
     return lines[:start] + lines[start + size :] + lines[start : start + size]
 
@@ -72,7 +72,7 @@ def move_block_last(lines: list[str], fold: int, size: int) -> list[str]:
 def write_fold(config: RewardStageConfig, fold: int) -> str:
     """Write `train_data` with fold `fold` last, beside `output_dir`; returns the new file's path."""
     if not config.eval_last_rows or len(config.train_data) != 1:
-        raise SystemExit("--fold needs eval_last_rows and a single train_data file")
+        raise ConfigError("--fold needs eval_last_rows and a single train_data file")
     source = Path(config.train_data[0])
     lines = [line for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
     target = Path(f"{config.output_dir}-data") / f"{source.stem}.fold{fold}.jsonl"
@@ -136,4 +136,7 @@ def run(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    from rlhf.cli import exit_process, run_guarded
+
+    # Bad input (config, data, an out-of-range --fold) is one line and exit 2, as for the stages.
+    exit_process(run_guarded(lambda: print(json.dumps(run(sys.argv[1:]), indent=2))))

@@ -47,7 +47,11 @@ def test_bad_lines_are_errors_at_path_and_line_and_the_command_exits_2(tmp_path,
     path = tmp_path / "bad.jsonl"
     good = {"fold": 0, "seed": 0, "eval_pairs": 10, "eval_accuracy": 0.5}
     path.write_text(
-        "\n".join([json.dumps(good), json.dumps({**good, "fold": None}), json.dumps(good), "{"]) + "\n"
+        "\n".join(
+            [json.dumps(good), json.dumps({**good, "fold": None}), json.dumps(good), "{"]
+            + [json.dumps({**good, "seed": 1, "eval_pairs": 0})]
+        )
+        + "\n"
     )
     with pytest.raises(DataError) as caught:
         load_results(str(path))
@@ -55,7 +59,11 @@ def test_bad_lines_are_errors_at_path_and_line_and_the_command_exits_2(tmp_path,
         f"{path}:2: fold: expected a number, got None",
         f"{path}:3: fold 0, seed 0: already on an earlier line",
         f"{path}:4: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{path}:5: eval_pairs: expected at least 1, got 0",
     ]
+    fine = results(tmp_path, "fine.jsonl", OTHER)
+    assert compare_folds.main([fine, fine, "--effect", "0"]) == 2
+    assert "--effect: expected a positive accuracy difference" in capsys.readouterr().err
     assert compare_folds.main([str(path), results(tmp_path, "b.jsonl", OTHER)]) == 2
     assert f"{path}:2: fold" in capsys.readouterr().err
     # Runs that share nothing outside the selection fold cannot be compared.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from rlhf.config import parse_config
+from rlhf.config import ConfigError, parse_config
 from rlhf.data import conversation_key
 from rlhf.reward_model import RewardStageConfig, load_pairs
 from scripts.eval_minilm_reward import move_block_last, write_fold
@@ -59,5 +59,5 @@ def test_the_last_fold_is_the_shipped_split_and_fold_zero_holds_out_the_first_ro
 
 def test_a_fold_needs_a_single_file_split_by_its_last_rows(tmp_path):
     config = hh_config(tmp_path, fold_rows=0)
-    with pytest.raises(SystemExit, match="--fold needs eval_last_rows"):
+    with pytest.raises(ConfigError, match="--fold needs eval_last_rows"):
         write_fold(config, 0)

@@ -82,3 +82,23 @@ def test_a_gold_judge_outside_the_allowed_modules_is_exit_2_before_any_model_loa
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith("error: config: reward function 'os:getcwd': module 'os' is outside the allowed")
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--temperature", "0", "temperature: must be above 0"),
+        ("--max-new-tokens", "0", "max_new_tokens: must be"),
+    ],
+)
+def test_sampling_settings_that_cannot_sample_are_exit_2_before_any_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, capsys, flag, value, message
+):
+    import rlhf.evaluation as evaluation
+    import rlhf.models
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1 + 2?"}])
+    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
+    assert evaluation.cli(["--policy", tiny_model_dir, "--prompts", str(prompts), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config: {message}") and "Traceback" not in err

@@ -95,3 +95,24 @@ def test_a_missing_model_named_like_a_hub_repo_is_a_load_error_not_a_traceback(t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="outputs/sft: cannot load a tokenizer"):
         load_tokenizer("outputs/sft")
+
+
+def test_a_missing_model_named_like_a_hub_repo_is_a_load_error_for_the_weights_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="typo/sft: cannot load a model"):
+        load_causal_lm("typo/sft")
+
+
+def test_init_tiny_refuses_a_corpus_path_that_does_not_exist(tmp_path):
+    result = run_cli("init-tiny", str(tmp_path / "m"), "--corpus", "data/dmeo")
+    assert result.returncode == 2 and "--corpus: no such file or directory: data/dmeo" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m").exists()
+
+
+def test_an_adapter_with_only_pickle_weights_is_refused(tmp_path, tiny_model_dir):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model_dir}))
+    (adapter / "adapter_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        load_causal_lm(str(adapter))

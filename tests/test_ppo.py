@@ -331,6 +331,21 @@ def test_a_bad_safety_examples_file_is_exit_2_before_any_model_loads(
     assert f"{tmp_path / 'examples.jsonl'}:1: malformed JSON" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"temperature": 0}, "temperature: must be above 0"),
+        ({"top_p": 0}, "top_p: must be in"),
+        ({"top_k": -1}, "top_k: must be 0"),
+    ],
+)
+def test_sampling_settings_that_cannot_sample_are_config_errors(tmp_path, tiny_model_dir, overrides, message):
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ppo_config(tmp_path, tiny_model_dir, **overrides)
+
+
 def test_every_rank_needs_a_full_rollout_batch_of_prompts(tmp_path, tiny_model_dir, tiny_tokenizer):
     from rlhf.config import ConfigError
     from rlhf.data import Report

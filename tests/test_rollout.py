@@ -217,3 +217,36 @@ def test_generation_after_enabling_packing_is_unchanged() -> None:
             )
         )
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_sampling_ignores_the_checkpoints_own_generation_settings() -> None:
+    """An instruct checkpoint's generation_config.json (repetition penalty, minimum length...) must not reach PPO's
+    sampling: the log-prob passes score the plain distribution at our temperature, top-k and top-p."""
+    from types import SimpleNamespace
+
+    from rlhf.rollout import generate
+
+    batch = rollout(*BATCH)
+    settings = SimpleNamespace(
+        max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, always_full_length=False
+    )
+    tokenizer = SimpleNamespace(eos_token_id=5, pad_token_id=PAD)
+    plain, configured = tiny("llama"), tiny("llama")
+    configured.generation_config.update(repetition_penalty=5.0, min_new_tokens=8, no_repeat_ngram_size=1)
+    outputs = []
+    for model in (plain, configured):
+        torch.manual_seed(7)
+        outputs.append(generate(model, batch.query_ids, batch.query_mask, tokenizer, settings))
+    assert torch.equal(outputs[0], outputs[1])
+    assert configured.generation_config.repetition_penalty == 5.0  # the model's own config is given back
+
+
+def test_values_of_a_lora_value_model_are_read_from_its_backbone_and_head() -> None:
+    """A reward model saved as LoRA adapter + head can start the value model (value_init: reward)."""
+    from peft import LoraConfig, get_peft_model
+
+    batch, value_model = rollout(*BATCH), tiny_value()
+    expected = value_forward(value_model, batch)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear", modules_to_save=["score"])
+    wrapped = get_peft_model(value_model, lora)  # B = 0: the adapters start as the identity
+    torch.testing.assert_close(value_forward(wrapped, batch), expected)

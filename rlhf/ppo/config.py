@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf.config import ConfigError
+from rlhf.rollout import check_sampling
 
 
 @dataclass
@@ -172,6 +173,7 @@ class PPOStageConfig:
                 raise ConfigError(f"{name}: expected one of {allowed}, found {getattr(self, name)!r}")
         if self.value_init == "reward" and not self.reward_model:
             self.value_init = "policy"
+        check_sampling(self)
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_data: required when ptx_coef > 0")
         self.reference_model = self.reference_model or ("" if self.use_lora else self.policy_model)
