@@ -104,8 +104,14 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
         raise ModelLoadError(f"{base}: cannot load a model ({err})") from None
     _resize_for(model, tokenizer)
     if adapter_config.exists():
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
+        config = PeftConfig.from_pretrained(path)
+        if auto_class == "AutoModelForSequenceClassification" and config.task_type == "CAUSAL_LM":
+            # A policy saved as an adapter (SFT, merge_lora: false) starting a value or reward model: the adapter
+            # is merged into the backbone, which then trains whole under its new head, as a merged policy would.
+            config.task_type = None
+            return PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
     return model
 

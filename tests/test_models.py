@@ -116,3 +116,26 @@ def test_an_adapter_with_only_pickle_weights_is_refused(tmp_path, tiny_model_dir
     (adapter / "adapter_model.bin").write_bytes(b"never unpickled")
     with pytest.raises(ModelLoadError, match="only pickle weights"):
         load_causal_lm(str(adapter))
+
+
+def test_a_value_model_from_a_policy_saved_as_an_adapter_starts_from_the_merged_policy(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """SFT with merge_lora: false saves an adapter; PPO's value model (value_init: policy) must load from it."""
+    from rlhf.models import LoraSettings
+
+    policy = load_causal_lm(tiny_model_dir, tiny_tokenizer, lora=LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # a trained adapter: not the identity
+    policy.save_pretrained(tmp_path / "adapter")
+    value = load_scalar_model(str(tmp_path / "adapter"), tiny_tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        got = value.model(input_ids=ids).last_hidden_state
+        base = load_causal_lm(tiny_model_dir, tiny_tokenizer).model(input_ids=ids).last_hidden_state
+        expected = policy.merge_and_unload().model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, base)
