@@ -230,15 +230,19 @@ def stage_manifest(path: str | Path, stage: str | None = None) -> dict[str, Any]
     return None
 
 
+def tokenizer_differences(
+    manifest: dict[str, Any], tokenizer, keys: tuple[str, ...] | None = None
+) -> list[tuple[str, Any, Any]]:
+    """(key, recorded, found) for each fingerprint field (of `keys`, or all recorded) where `tokenizer` differs from
+    the one a stage's manifest recorded; none when the manifest recorded no tokenizer."""
+    expected, found = manifest.get("tokenizer") or {}, tokenizer_fingerprint(tokenizer)
+    keys = [k for k in (keys or expected) if k in expected]
+    return [(k, expected[k], found.get(k)) for k in keys if expected[k] != found.get(k)]
+
+
 def check_tokenizer_matches(manifest: dict[str, Any], tokenizer, where: str) -> None:
     """Refuse a tokenizer that differs from the one the previous stage trained with."""
-    expected = manifest.get("tokenizer")
-    if not expected:
-        return
-    found = tokenizer_fingerprint(tokenizer)
-    diffs = [
-        f"{k}: expected {expected[k]!r}, found {found[k]!r}" for k in expected if expected[k] != found.get(k)
-    ]
+    diffs = [f"{k}: expected {e!r}, found {f!r}" for k, e, f in tokenizer_differences(manifest, tokenizer)]
     if diffs:
         raise HandoffError(
             f"{where}: tokenizer differs from the one recorded in its manifest ({'; '.join(diffs)})"

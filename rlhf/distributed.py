@@ -143,29 +143,28 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     shard (`ds_tensor`), so reading `param` alone would always pass there.
     """
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
-    count = len(bad)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from accelerate import PartialState
-
-        total = torch.tensor([count], device=PartialState().device)
-        torch.distributed.all_reduce(total)
-        count = int(total.item())
-    if not count:
+    if not sum_over_ranks(len(bad)):
         return None
     return bad[0] if bad else "(a parameter shard on another rank)"
 
 
-def mean_over_ranks(value: float) -> float:
-    """The mean of `value` over all ranks (itself in one process); NaN or inf on any rank makes it non-finite.
-    Every rank must call it (a collective). A decision that changes what runs next (skip a step, stop an epoch,
-    move beta) is taken on this, so that no rank runs a collective the others skip."""
+def sum_over_ranks(value: float) -> float:
+    """The sum of `value` over all ranks (itself in one process); NaN or inf on any rank makes it non-finite.
+    Every rank must call it (a collective)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return float(value)
     from accelerate import PartialState
 
     total = torch.tensor([float(value)], dtype=torch.float64, device=PartialState().device)
     torch.distributed.all_reduce(total)
-    return float(total.item()) / torch.distributed.get_world_size()
+    return float(total.item())
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over all ranks. A decision that changes what runs next (skip a step, stop an epoch,
+    move beta) is taken on this, so that no rank runs a collective the others skip."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return sum_over_ranks(value) / world
 
 
 @contextmanager

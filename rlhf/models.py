@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +52,22 @@ def check_model_dir(path: str, trust_remote_code: bool) -> None:
         raise ModelLoadError(f"{path}: only pickle weights (.bin/.pt); convert them to safetensors")
 
 
+@contextmanager
+def loading(path: str, what: str):
+    """`from_pretrained` of `path`: a hub name that does not resolve (or a missing path that looks like one) is a
+    `ModelLoadError` (exit 2), not an OSError traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise ModelLoadError(f"{path}: cannot load {what} ({err})") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     check_model_dir(path, trust_remote_code)
-    try:
+    with loading(path, "a tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:  # a hub name that does not resolve (or a missing path that looks like one)
-        raise ModelLoadError(f"{path}: cannot load a tokenizer ({err})") from None
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None and tokenizer.sep_token is not None:
@@ -98,10 +107,8 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
     )
     if base != path:
         check_model_dir(base, trust_remote_code)  # the adapter's base is held to the same rules
-    try:
+    with loading(base, "a model"):
         model = getattr(transformers, auto_class).from_pretrained(base, **options)
-    except OSError as err:  # a hub name that does not resolve (or a missing path that looks like one)
-        raise ModelLoadError(f"{base}: cannot load a model ({err})") from None
     _resize_for(model, tokenizer)
     if adapter_config.exists():
         from peft import PeftConfig, PeftModel

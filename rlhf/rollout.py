@@ -101,7 +101,7 @@ def generate(policy: nn.Module, query_ids: Tensor, query_mask: Tensor, tokenizer
     generation config is set aside for the call."""
     from transformers import GenerationConfig
 
-    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # PEFT: the HF model
+    model = hf_model(policy)
     own = model.generation_config
     model.generation_config = GenerationConfig()
     try:
@@ -175,13 +175,18 @@ def _packed_sdpa_mask(*args, attention_mask: Tensor | None = None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (its LoRA layers sit in that model's modules); else `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def enable_packing(model: nn.Module) -> bool:
     """Switch `model` (a causal LM, a scalar-head model or a PEFT wrapper of one) to packed attention when its family
     supports it and it runs on SDPA; returns whether it did. Generation and padded batches run as before."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = hf_model(model)
     config = base.config
     full_attention = all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
     if config.model_type not in PACKABLE_MODEL_TYPES or not full_attention:
@@ -195,8 +200,7 @@ def enable_packing(model: nn.Module) -> bool:
 
 
 def is_packed(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.config._attn_implementation == PACKED_ATTENTION
+    return hf_model(model).config._attn_implementation == PACKED_ATTENTION
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,8 +298,7 @@ def policy_forward(
 def value_forward(value_model: nn.Module, batch: Rollout, lay: Layout | None = None) -> Tensor:
     """Per-token values [B, Lr] (0 on padding): the value head on the hidden state before each response token."""
     lay = lay or layout(batch, is_packed(value_model))
-    # A LoRA value model (a reward model saved as adapter + head): its adapters sit inside the HF model's modules.
-    model = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    model = hf_model(value_model)  # a LoRA value model: a reward model saved as adapter + head
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(**lay.inputs, use_cache=False).last_hidden_state[:, lay.positions][lay.select]  # [R, H]
     head = model.score if hasattr(model, "score") else model.classifier

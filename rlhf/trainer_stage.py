@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +139,7 @@ def held_out(examples: list[dict], config, report: Report) -> tuple[list[dict], 
     return train, evaluation, eval_report
 
 
-def require_examples(split: str, examples: list | Any, report: Report, reason: str) -> None:
+def require_examples(split: str, examples: Sized, report: Report, reason: str) -> None:
     """A split left empty (everything held out, dropped or cut) is a `ConfigError` before any model loads; the
     Trainer would otherwise fail deep inside with a traceback."""
     if len(examples) == 0:

@@ -77,6 +77,14 @@ def launch_probe(
     )
 
 
+def forbid_calls(monkeypatch, module, *names: str) -> None:
+    """`module.name(...)` fails the test: what runs first (input validation) must stop before it (a model load)."""
+    for name in names:
+        monkeypatch.setattr(
+            module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} called before validation")
+        )
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

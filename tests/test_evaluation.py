@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import forbid_calls, write_jsonl
 
 from rlhf.evaluation import EvalSettings, by_category, evaluate, win_rate
 from rlhf.report import markdown, verdicts
@@ -65,8 +65,7 @@ def test_a_gold_judge_outside_the_allowed_modules_is_exit_2_before_any_model_loa
     import rlhf.models
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1 + 2?"}])
-    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
-    monkeypatch.setattr(rlhf.models, "load_scalar_model", lambda *a, **k: pytest.fail("a model loaded"))
+    forbid_calls(monkeypatch, rlhf.models, "load_causal_lm", "load_scalar_model")
     code = evaluation.cli(
         [
             "--policy",
@@ -98,7 +97,7 @@ def test_sampling_settings_that_cannot_sample_are_exit_2_before_any_model_loads(
     import rlhf.models
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1 + 2?"}])
-    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
+    forbid_calls(monkeypatch, rlhf.models, "load_causal_lm")
     assert evaluation.cli(["--policy", tiny_model_dir, "--prompts", str(prompts), flag, value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: config: {message}") and "Traceback" not in err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_two_processes, write_jsonl
+from conftest import forbid_calls, launch_two_processes, write_jsonl
 
 from rlhf.config import parse_config
 from rlhf.ppo import (
@@ -162,7 +162,7 @@ def test_a_reward_source_that_does_not_resolve_is_exit_2_before_any_model_loads(
 ):
     import rlhf.ppo.stage as stage
 
-    monkeypatch.setattr(stage, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    forbid_calls(monkeypatch, stage, "load_models")
     assert stage.cli(ppo_argv(tmp_path, tiny_model_dir, **overrides)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config: ") and message in err
@@ -192,7 +192,7 @@ def test_prompts_are_validated_before_models_load(tmp_path, monkeypatch):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
-    monkeypatch.setattr(ppo, "load_models", lambda *a, **k: pytest.fail("models loaded before validation"))
+    forbid_calls(monkeypatch, ppo, "load_models")
     config = ppo_config(tmp_path, "no-model-here", train_data=str(bad))
     from rlhf.data import DataError
 
@@ -324,7 +324,7 @@ def test_a_bad_safety_examples_file_is_exit_2_before_any_model_loads(
 
     (tmp_path / "examples.jsonl").write_text("{oops\n")
     (tmp_path / "safety.yaml").write_text("classifier: embedding\nexamples_path: examples.jsonl\n")
-    monkeypatch.setattr(stage, "load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    forbid_calls(monkeypatch, stage, "load_models")
     argv = ppo_argv(tmp_path, tiny_model_dir, reward_sources="safety", safety_config=tmp_path / "safety.yaml")
     assert stage.cli(argv) == 2
     err = capsys.readouterr().err
@@ -387,3 +387,27 @@ def test_value_init_reward_is_refused_for_an_encoder_or_another_vocabulary(
     with pytest.raises(ConfigError, match="it is a bert encoder, not a causal model.*Set value_init: policy"):
         check_value_init(config, same, tiny_tokenizer)
     check_value_init(ppo_config(tmp_path, tiny_model_dir, reward_model=str(reward_dir)), same, tiny_tokenizer)
+
+
+def test_each_decision_the_ranks_must_share_is_taken_on_the_mean_over_ranks(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """`mean_over_ranks` stands in for the other ranks here: PPO must act on what it returns, not on this rank's own
+    value, or ranks would stop, skip or move beta apart (a hang, or weights and beta that differ by rank)."""
+    import rlhf.ppo.stage as ppo_stage
+    import rlhf.ppo.update as update
+
+    # The approx-KL early stop: far below the threshold on this rank, far above it over all ranks.
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, approx_kl_stop=1e3))
+    batch, _, _, _ = run.rollout({})
+    monkeypatch.setattr(update, "mean_over_ranks", lambda value: value + 1e6)
+    assert run.train_on(batch)["policy/early_stops"] == 1.0
+    # A rollout that is finite here but not on another rank is skipped here too; beta moves by the KL of all ranks.
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, target_kl=6.0, kl_horizon=100))
+    Path(run.config.output_dir).mkdir(parents=True, exist_ok=True)
+    over_ranks = iter([0.5, 12.0])  # the share of ranks with a finite rollout, then the mean KL (2 x target)
+    monkeypatch.setattr(ppo_stage, "mean_over_ranks", lambda value: next(over_ranks))
+    beta = run.kl_ctl.value
+    stats = run_update(run)
+    assert stats["loss/nonfinite_steps"] == 1.0 and run.nonfinite_total == 1
+    assert run.kl_ctl.value == pytest.approx(beta * (1 + 0.2 * 8 / 100))  # error clipped to 0.2; 8 episodes

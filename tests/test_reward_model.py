@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, forbid_calls, run_cli, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import parse_config
@@ -841,10 +841,7 @@ def no_model_loads(monkeypatch) -> None:
     """The stage fails the test if it loads its tokenizer or model (validation must come first)."""
     import rlhf.reward_model as stage
 
-    for name in ("load_scalar_model", "load_tokenizer"):
-        monkeypatch.setattr(
-            stage, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} before validation")
-        )
+    forbid_calls(monkeypatch, stage, "load_scalar_model", "load_tokenizer")
 
 
 @pytest.mark.parametrize(("row", "message"), BAD_PAIRS, ids=["missing-rejected", "mistyped-rejected"])

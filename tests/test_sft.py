@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import arithmetic_dialogues, write_jsonl
+from conftest import arithmetic_dialogues, forbid_calls, write_jsonl
 
 from rlhf.checkpoint import read_manifest
 from rlhf.config import parse_config
@@ -87,7 +87,7 @@ def test_sft_refuses_bad_data_before_loading_a_model(tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
     config = sft_config(tmp_path, "does-not-exist", train_data=str(bad))
-    monkeypatch.setattr(sft, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before validation"))
+    forbid_calls(monkeypatch, sft, "load_causal_lm")
     from rlhf.data import DataError
 
     with pytest.raises(DataError, match=f"{bad}:1: messages: conversation has no assistant turn"):
@@ -137,6 +137,6 @@ def test_an_empty_train_or_eval_set_is_a_config_error_before_a_model_loads(
     config = sft_config(tmp_path, tiny_model_dir, **overrides)
     if "eval_fraction" in overrides:
         config.eval_data = []
-    monkeypatch.setattr(sft, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before validation"))
+    forbid_calls(monkeypatch, sft, "load_causal_lm")
     with pytest.raises(ConfigError, match=message):
         main(config)

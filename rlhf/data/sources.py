@@ -242,9 +242,8 @@ def _read_hub(source: str, problems: list[Problem]) -> Iterator[Record]:
     name, _, split = source.partition(":")
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
-    except (
-        Exception
-    ) as err:  # datasets raises many types (not found, offline, bad split); all mean "cannot read"
+    # datasets raises many types (not found, offline, bad split); all of them mean "cannot read".
+    except Exception as err:
         problems.append(
             Problem(source, 0, f"no such file, nor a hub dataset that loads ({type(err).__name__}: {err})")
         )

@@ -19,7 +19,7 @@ from rlhf.checkpoint import (
     read_manifest,
     resolve_resume,
     stage_manifest,
-    tokenizer_fingerprint,
+    tokenizer_differences,
     write_manifest,
 )
 from rlhf.config import ConfigError, config_to_dict, dump_config, parse_config
@@ -72,17 +72,21 @@ def load_prompt_set(
     return PromptSet(ids, kept), report.drops
 
 
-def check_reward_sources(config: PPOStageConfig) -> None:
-    """Every named source resolves (a user function imports; the safety config, its rubric and examples read): an
-    error (exit 2) before any model loads, rather than after the policy, reference and value models have."""
+def resolve_reward_sources(config: PPOStageConfig) -> dict[str, Any]:
+    """What each source needs that no model does, resolved before any model loads, so that a bad name or file is an
+    error (exit 2) then, not after the policy, reference and value models have loaded: a user function imported;
+    the safety config read with its rubric and examples. The reward model needs nothing here."""
+    resolved: dict[str, Any] = {}
     for name in config.reward_sources:
         if name == "safety":
             from rlhf.safety import SafetyConfig
             from rlhf.safety.reward import read_classifier_files
 
-            read_classifier_files(SafetyConfig.from_yaml(config.safety_config))
+            safety = SafetyConfig.from_yaml(config.safety_config)
+            resolved[name] = (safety, read_classifier_files(safety))
         elif name != "reward_model":
-            load_function(name, config.reward_allowed_modules)
+            resolved[name] = load_function(name, config.reward_allowed_modules)
+    return resolved
 
 
 def check_value_init(config: PPOStageConfig, reward_manifest: dict[str, Any] | None, tokenizer) -> None:
@@ -96,11 +100,11 @@ def check_value_init(config: PPOStageConfig, reward_manifest: dict[str, Any] | N
     model_type = json.loads(model_config.read_text()).get("model_type") if model_config.is_file() else None
     if model_type in ENCODER_TYPES:
         problems.append(f"it is a {model_type} encoder, not a causal model")
-    recorded, found = reward_manifest.get("tokenizer") or {}, tokenizer_fingerprint(tokenizer)
     problems += [
-        f"its tokenizer's {key} is {recorded[key]!r}, the policy's {found[key]!r}"
-        for key in ("vocab_size", "pad_token_id", "eos_token_id")
-        if key in recorded and recorded[key] != found[key]
+        f"its tokenizer's {key} is {recorded!r}, the policy's {found!r}"
+        for key, recorded, found in tokenizer_differences(
+            reward_manifest, tokenizer, ("vocab_size", "pad_token_id", "eos_token_id")
+        )
     ]
     if problems:
         raise ConfigError(
@@ -110,8 +114,9 @@ def check_value_init(config: PPOStageConfig, reward_manifest: dict[str, Any] | N
 
 
 def build_reward_sources(
-    config: PPOStageConfig, device, reward_manifest: dict[str, Any] | None
+    config: PPOStageConfig, device, reward_manifest: dict[str, Any] | None, resolved: dict[str, Any]
 ) -> dict[str, tuple[Any, float]]:
+    """name -> (source, weight); the sources that load a model load here, from `resolve_reward_sources`' results."""
     sources = {}
     for name, weight in zip(config.reward_sources, config.reward_weights, strict=True):
         if name == "reward_model":
@@ -121,10 +126,12 @@ def build_reward_sources(
             sources[name] = (scorer, weight)
         elif name == "safety":
             from rlhf.safety import SafetyReward
+            from rlhf.safety.reward import build_classifier
 
-            sources[name] = (SafetyReward.from_yaml(config.safety_config), weight)
+            safety, files = resolved[name]
+            sources[name] = (SafetyReward(safety, build_classifier(safety, files)), weight)
         else:
-            sources[name] = (load_function(name, config.reward_allowed_modules), weight)
+            sources[name] = (resolved[name], weight)
     return sources
 
 
@@ -153,7 +160,7 @@ def build_run(config: PPOStageConfig) -> PPORun:
     from accelerate.utils import set_seed
 
     prompt_rows, prompt_report = load_prompts(config.train_data)  # validated before any model loads
-    check_reward_sources(config)
+    resolved_sources = resolve_reward_sources(config)
     ptx_rows = load_demonstrations(config.ptx_data)[0] if config.ptx_coef > 0 else None
     policy_manifest = stage_manifest(config.policy_model, "sft")
     tokenizer = load_tokenizer(config.policy_model, config.trust_remote_code, padding_side="left")
@@ -203,7 +210,7 @@ def build_run(config: PPOStageConfig) -> PPORun:
         tokenize_demonstrations(tokenizer, ptx_rows, 512, "truncate", "drop", Report()) if ptx_rows else None
     )
     with frozen_loading(accelerator):
-        sources = build_reward_sources(config, accelerator.device, reward_manifest)
+        sources = build_reward_sources(config, accelerator.device, reward_manifest, resolved_sources)
     return PPORun(
         config,
         accelerator,
@@ -253,7 +260,7 @@ def main(config: PPOStageConfig) -> dict[str, Any]:
             save_checkpoint(run)
     bar.close()
     save_checkpoint(run)
-    metrics = summarise_history(run.history, time.time() - started, run)
+    metrics = summarise_history(run, time.time() - started)
     save_final(run, metrics)
     accelerator.end_training()
     return metrics
@@ -330,7 +337,9 @@ def write_samples(
             )
 
 
-def summarise_history(history: list[dict[str, float]], seconds: float, run: PPORun) -> dict[str, Any]:
+def summarise_history(run: PPORun, seconds: float) -> dict[str, Any]:
+    history = run.history
+
     def window(key: str, part: slice) -> float | None:
         values = [h[key] for h in history[part] if key in h]
         return float(np.mean(values)) if values else None

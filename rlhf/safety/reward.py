@@ -35,8 +35,11 @@ def read_classifier_files(config: SafetyConfig) -> tuple[Any, dict[str, list[str
     return rubric, examples
 
 
-def build_classifier(config: SafetyConfig) -> SafetyClassifier:
-    rubric, examples = read_classifier_files(config)
+def build_classifier(
+    config: SafetyConfig, files: tuple[Any, dict[str, list[str]]] | None = None
+) -> SafetyClassifier:
+    """The backend `config` names; `files`: what `read_classifier_files` returned, when the caller already read them."""
+    rubric, examples = files or read_classifier_files(config)
     if config.classifier == "rules":
         return RulesClassifier(rubric, config.batch_size)
     if config.classifier == "llm-judge":
