@@ -332,6 +332,31 @@ def test_a_bad_safety_examples_file_is_exit_2_before_any_model_loads(
 
 
 @pytest.mark.parametrize(
+    "classifier,model_files,message",
+    [
+        ("zero-shot-nli", None, "no-such-model: no such model directory"),
+        ("llm-judge", ["config.json", "pytorch_model.bin"], "only pickle weights"),
+        ("embedding", ["config.json", "pytorch_model.bin"], "only pickle weights"),
+    ],
+)
+def test_a_safety_classifier_model_that_cannot_load_is_exit_2_before_any_model_loads(
+    tmp_path, tiny_model_dir, monkeypatch, capsys, classifier, model_files, message
+):
+    import rlhf.ppo.stage as stage
+
+    for name in model_files or []:
+        (tmp_path / "no-such-model").mkdir(exist_ok=True)
+        (tmp_path / "no-such-model" / name).write_text("{}")
+    (tmp_path / "safety.yaml").write_text(f"classifier: {classifier}\nmodel_name_or_path: ./no-such-model\n")
+    forbid_calls(monkeypatch, stage, "load_models")
+    argv = ppo_argv(tmp_path, tiny_model_dir, reward_sources="safety", safety_config=tmp_path / "safety.yaml")
+    assert stage.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "ppo").exists()
+
+
+@pytest.mark.parametrize(
     "overrides,message",
     [
         ({"temperature": 0}, "temperature: must be above 0"),

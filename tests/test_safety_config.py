@@ -218,3 +218,15 @@ def test_model_backends_refuse_custom_code_and_pickle_only_weights(tmp_path, kin
     (model / "config.json").write_text('{"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}')
     with pytest.raises(ModelLoadError, match="auto_map"):
         build_classifier(SafetyConfig.from_dict(values))
+
+
+@pytest.mark.parametrize("kind", ["llm-judge", "zero-shot-nli", "embedding"])
+def test_model_backends_turn_a_hub_name_that_does_not_resolve_into_a_load_error(kind, monkeypatch):
+    """Offline (as here), or a name the hub lacks: a `ModelLoadError` naming it (exit 2), not an OSError."""
+    from rlhf.models import ModelLoadError
+    from rlhf.safety import build_classifier
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    values = {"classifier": kind, "model_name_or_path": "nobody/no-such-model", "rubric_path": str(RUBRIC)}
+    with pytest.raises(ModelLoadError, match="nobody/no-such-model: cannot load"):
+        build_classifier(SafetyConfig.from_dict(values))

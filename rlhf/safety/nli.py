@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from transformers import pipeline
 
-from rlhf.models import check_model_dir
+from rlhf.models import check_model_dir, loading
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_device
 
@@ -32,13 +32,14 @@ class NLIClassifier(SafetyClassifier):
         self.hypothesis_template = hypothesis_template
         if pipe is None:
             check_model_dir(model, trust_remote_code=False)  # no custom code, no pickle-only weights
-            pipe = pipeline(
-                "zero-shot-classification",
-                model=model,
-                device=resolve_device(device),
-                trust_remote_code=False,
-                model_kwargs={"use_safetensors": True},
-            )
+            with loading(model, "an NLI model"):
+                pipe = pipeline(
+                    "zero-shot-classification",
+                    model=model,
+                    device=resolve_device(device),
+                    trust_remote_code=False,
+                    model_kwargs={"use_safetensors": True},
+                )
         self.pipe = pipe
 
     def _zero_shot(self, texts: list[str], labels: dict[str, str]) -> list[str]:

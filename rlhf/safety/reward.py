@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf.models import check_model_dir
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.classifier import SafetyClassifier, resolve_completion_class
 from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES, REFUSAL_CLASSES, SafetyConfig
-from rlhf.safety.embedding import EmbeddingClassifier
+from rlhf.safety.embedding import EmbeddingClassifier, default_embedding_model
 from rlhf.safety.labelled import as_text, load_examples
 from rlhf.safety.llm_judge import LLMJudgeClassifier
 from rlhf.safety.nli import NLIClassifier
@@ -25,7 +26,10 @@ from rlhf.safety.rules import RulesClassifier
 
 def read_classifier_files(config: SafetyConfig) -> tuple[Any, dict[str, list[str]]]:
     """The rubric and the embedding backend's examples (inline and from `examples_path`): every file a classifier
-    reads, so that a bad one is an error before its model loads (PPO checks them before loading the policy)."""
+    reads, so that a bad one is an error before its model loads (PPO checks them before loading the policy). The
+    backend's model path is checked here too (a missing local directory, custom code, pickle-only weights)."""
+    if config.classifier != "rules":
+        check_model_dir(classifier_model_path(config), trust_remote_code=False)
     rubric = load_rubric(config.rubric_path)
     examples = {c: list(t) for c, t in config.examples.items()}
     if config.classifier == "embedding":
@@ -33,6 +37,11 @@ def read_classifier_files(config: SafetyConfig) -> tuple[Any, dict[str, list[str
             for c, texts in load_examples(path).items():
                 examples.setdefault(c, []).extend(texts)
     return rubric, examples
+
+
+def classifier_model_path(config: SafetyConfig) -> str:
+    """The model a backend loads; the embedding backend defaults to the packaged all-MiniLM-L6-v2."""
+    return config.model_name_or_path or default_embedding_model()
 
 
 def build_classifier(
