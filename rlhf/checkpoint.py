@@ -109,6 +109,45 @@ def rotate_checkpoints(directory: str | Path, keep_last: int | None, protect: st
             shutil.rmtree(old, ignore_errors=True)
 
 
+def move_aside(path: str | Path, label: str) -> Path:
+    """Rename `path` to `<path>.<label>-<time>` (a counter added when that exists): kept, never deleted."""
+    base = f"{path}.{label}-{time.strftime('%Y%m%dT%H%M%S')}"
+    target, n = base, 1
+    while os.path.exists(target):  # moved twice within a second
+        target, n = f"{base}-{n}", n + 1
+    os.rename(path, target)
+    return Path(target)
+
+
+def set_aside_later_checkpoints(directory: str | Path, resume: str | None) -> list[Path]:
+    """Move the checkpoints in `directory` past the one this run resumes from (all of them on a fresh start) to
+    `<name>.abandoned-<time>`. They belong to a line of training this run does not continue: left in place they
+    would outrank its own checkpoints, in rotation (which keeps the highest steps) and in `resume: auto`, and a
+    Trainer saving the same step again would write into a directory that already carries a commit marker."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    start = -1
+    if resume:
+        match = CHECKPOINT_NAME.match(Path(resume).name)
+        if match is None:  # a renamed checkpoint: its step is not known, so nothing is known to come after it
+            return []
+        start = int(match.group(2))
+    later = [
+        p for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and int(m.group(2)) > start
+    ]
+    moved = [move_aside(p, "abandoned") for p in sorted(later)]
+    if moved:
+        log.warning(
+            "%s: %d checkpoint(s) %s this run's start moved aside: %s",
+            directory,
+            len(moved),
+            "after" if resume else "from before",
+            ", ".join(p.name for p in moved),
+        )
+    return moved
+
+
 def resolve_resume(request: str | bool | None, directory: str | Path) -> str | None:
     """None/False: fresh. "auto"/"last"/True: newest committed checkpoint, or fresh with a warning. A path: it must exist."""
     if request in (None, False, "", "false", "False", "none"):

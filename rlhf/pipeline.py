@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.checkpoint import MANIFEST, HandoffError, read_manifest
+from rlhf.checkpoint import MANIFEST, HandoffError, move_aside, read_manifest
 from rlhf.config import config_to_dict, parse_config
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,7 @@ def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | No
 def set_aside(stage: str, output_dir: str) -> None:
     """Move a previous output out of the way of a fresh run (kept, never deleted: it may be someone's result)."""
     if Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
-        base = f"{output_dir}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
-        target, n = base, 1
-        while os.path.exists(target):  # set aside twice within a second
-            target, n = f"{base}-{n}", n + 1
-        os.rename(output_dir, target)
+        target = move_aside(output_dir, "replaced")
         print(f"[pipeline] {stage:<7} previous output moved to {target}", flush=True)
 
 

@@ -24,6 +24,7 @@ from rlhf.checkpoint import (
     mark_committed,
     resolve_resume,
     rotate_checkpoints,
+    set_aside_later_checkpoints,
     write_manifest,
 )
 from rlhf.config import ConfigError, config_to_dict, dump_config
@@ -229,6 +230,9 @@ def train_with_resume(trainer, config) -> dict[str, Any]:
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if resume:
         log.info("resuming from %s", resume)
+    if trainer.accelerator.is_main_process:
+        set_aside_later_checkpoints(config.output_dir, resume)
+    trainer.accelerator.wait_for_everyone()
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteLossGuard)), None)
     result = trainer.train(resume_from_checkpoint=resume)
     if guard is not None and guard.aborted_at is not None:

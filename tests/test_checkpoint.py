@@ -13,6 +13,7 @@ from rlhf.checkpoint import (
     read_manifest,
     resolve_resume,
     rotate_checkpoints,
+    set_aside_later_checkpoints,
     write_manifest,
 )
 
@@ -56,6 +57,28 @@ def test_resume_paths(tmp_path, caplog):
     assert resolve_resume("auto", tmp_path) is None
     assert "starting fresh" in caplog.text
     assert resolve_resume(None, tmp_path) is None
+
+
+def test_checkpoints_past_the_resume_point_are_moved_aside_never_deleted(tmp_path):
+    for step in (1, 2, 3, 4):
+        with atomic_directory(tmp_path / f"step-{step}") as tmp:
+            (tmp / "w").write_text(str(step))
+    (tmp_path / "step-5").mkdir()  # an interrupted save: no marker
+    moved = set_aside_later_checkpoints(tmp_path, str(tmp_path / "step-2"))
+    assert sorted(p.name.split(".")[0] for p in moved) == ["step-3", "step-4", "step-5"]
+    assert all(p.name.startswith(p.name.split(".")[0] + ".abandoned-") for p in moved)
+    assert (moved[0] / "w").read_text() == "3"  # kept whole
+    # The resumed line is now the newest: `auto` and rotation see it, not the abandoned steps.
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "step-2")
+    with atomic_directory(tmp_path / "step-3") as tmp:
+        (tmp / "w").write_text("new 3")
+    rotate_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-3"]
+    assert (tmp_path / "step-3" / "w").read_text() == "new 3"
+    # A fresh start moves every checkpoint aside, again without a name collision.
+    moved = set_aside_later_checkpoints(tmp_path, None)
+    assert [p.name.split(".")[0] for p in moved] == ["step-3"] and committed_checkpoints(tmp_path) == []
+    assert len(list(tmp_path.iterdir())) == 4
 
 
 def test_manifest_detects_corruption_and_missing_files(tmp_path, tiny_tokenizer):

@@ -134,6 +134,23 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, tin
     )
 
 
+def test_an_explicit_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, tiny_model_dir):
+    """Left in place, the abandoned step-4 would outrank the resumed line: rotation (keep_last 1) would delete the
+    new step-3 and `resume: auto` would pick step-4."""
+    main(ppo_config(tmp_path, tiny_model_dir))  # step-2, step-4
+    checkpoints = tmp_path / "ppo" / "checkpoints"
+    branch = ppo_config(
+        tmp_path, tiny_model_dir, resume_from_checkpoint=checkpoints / "step-2", total_updates=3, keep_last=1
+    )
+    main(branch)
+    from rlhf.checkpoint import committed_checkpoints, resolve_resume
+
+    assert [p.name for p in committed_checkpoints(checkpoints)] == ["step-3"]
+    assert resolve_resume("auto", checkpoints) == str(checkpoints / "step-3")
+    (abandoned,) = [p for p in checkpoints.iterdir() if p.name.startswith("step-4.abandoned-")]
+    assert (abandoned / "policy" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "source,message",
     [

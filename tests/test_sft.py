@@ -81,6 +81,21 @@ def test_sft_resume_from_an_interrupted_run_matches_the_uninterrupted_one(tmp_pa
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
 
 
+def test_sft_resumed_from_an_earlier_checkpoint_writes_its_later_ones_afresh(tmp_path, tiny_model_dir):
+    """The finished run's checkpoint-12 is another line of training: moved aside, kept whole; the resumed run's
+    checkpoint-12 is a new directory, not the old one rewritten under its commit marker."""
+    first = sft_config(tmp_path, tiny_model_dir)
+    main(first)
+    old = tmp_path / "sft" / "checkpoint-12"
+    (old / "left-by-the-first-run").write_text("")
+    old_weights = weights(old)
+    main(sft_config(tmp_path, tiny_model_dir, resume_from_checkpoint=tmp_path / "sft" / "checkpoint-6"))
+    (abandoned,) = [p for p in (tmp_path / "sft").iterdir() if p.name.startswith("checkpoint-12.abandoned-")]
+    assert (abandoned / "left-by-the-first-run").exists() and (abandoned / "COMMITTED").exists()
+    assert all(torch.equal(old_weights[k], v) for k, v in weights(abandoned).items())
+    assert not (old / "left-by-the-first-run").exists() and (old / "COMMITTED").exists()
+
+
 def test_sft_refuses_bad_data_before_loading_a_model(tmp_path, monkeypatch):
     import rlhf.sft as sft
 

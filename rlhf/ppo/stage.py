@@ -18,6 +18,7 @@ from rlhf.checkpoint import (
     check_tokenizer_matches,
     read_manifest,
     resolve_resume,
+    set_aside_later_checkpoints,
     stage_manifest,
     tokenizer_differences,
     write_manifest,
@@ -242,6 +243,8 @@ def main(config: PPOStageConfig) -> dict[str, Any]:
         log.warning("resumed from %s at update %d", resume, run.update)
         if accelerator.is_main_process:
             drop_samples_after(config.output_dir, run.update)
+    if accelerator.is_main_process:
+        set_aside_later_checkpoints(Path(config.output_dir) / "checkpoints", resume)
     accelerator.init_trackers("ppo", config=_flat_config(config))
     started = time.time() - run.elapsed_seconds
     bar = tqdm(
