@@ -50,6 +50,17 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
+def read_json_object(path: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """A JSON file holding an object; one that does not parse, or holds something else, raises `error` naming it."""
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise error(f"{path}: expected a JSON object, found {type(loaded).__name__}")
+    return loaded
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """`text` (secrets redacted) in `path`, whole or not at all: written aside, synced, then renamed."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -243,7 +254,7 @@ def read_manifest(output_dir: str | Path, stage: str | None = None, verify: bool
         raise HandoffError(
             f"{output_dir}: no {MANIFEST}; the stage did not finish (or this is not a stage output)"
         )
-    manifest = json.loads(path.read_text())
+    manifest = read_json_object(path, HandoffError)
     if not manifest.get("complete"):
         raise HandoffError(f"{path}: manifest is not marked complete")
     if stage is not None and manifest.get("stage") != stage:

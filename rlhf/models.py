@@ -6,7 +6,6 @@ asks for it, from a hub name or a local path.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.checkpoint import read_json_object
 from rlhf.data import DEFAULT_CHAT_TEMPLATE, expand_sources, read_records
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +33,13 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"
 
 
+def read_model_config(path: str | Path) -> dict | None:
+    """A local checkpoint's `config.json`, or None where there is none (a hub name, an adapter-only directory); one
+    that does not parse as a JSON object is a `ModelLoadError` naming it, not a traceback."""
+    config_file = Path(path) / "config.json"
+    return read_json_object(config_file, ModelLoadError) if config_file.is_file() else None
+
+
 def check_model_dir(path: str, trust_remote_code: bool) -> None:
     """Refuse local directories with custom code (unless trusted) or with only pickle weights, and a local path
     that does not exist (anything but a hub name `name` or `namespace/name`)."""
@@ -40,8 +47,7 @@ def check_model_dir(path: str, trust_remote_code: bool) -> None:
         if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
             raise ModelLoadError(f"{path}: no such model directory")
         return
-    config_file = Path(path) / "config.json"
-    if config_file.exists() and "auto_map" in json.loads(config_file.read_text()) and not trust_remote_code:
+    if "auto_map" in (read_model_config(path) or {}) and not trust_remote_code:
         raise ModelLoadError(
             f"{path}: config.json has 'auto_map' (custom code); set trust_remote_code: true to run it"
         )
@@ -102,9 +108,13 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
         **kwargs,
     }
     adapter_config = Path(path) / "adapter_config.json"
-    base = (
-        json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else path
-    )
+    base = path
+    if adapter_config.exists():
+        base = read_json_object(adapter_config, ModelLoadError).get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise ModelLoadError(
+                f"{adapter_config}: base_model_name_or_path: missing (the adapter's base model)"
+            )
     if base != path:
         check_model_dir(base, trust_remote_code)  # the adapter's base is held to the same rules
     with loading(base, "a model"):

@@ -94,6 +94,9 @@ def test_manifest_detects_corruption_and_missing_files(tmp_path, tiny_tokenizer)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(HandoffError, match="model.safetensors is missing"):
         read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"complete": tru')  # hand-edited, or written by another tool
+    with pytest.raises(HandoffError, match="manifest.json: not valid JSON"):
+        read_manifest(tmp_path)
 
 
 def test_unfinished_stage_output_is_refused(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import arithmetic_dialogues, run_cli, write_jsonl
 
 from rlhf.models import ModelLoadError, check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 
@@ -139,3 +139,38 @@ def test_a_value_model_from_a_policy_saved_as_an_adapter_starts_from_the_merged_
         expected = policy.merge_and_unload().model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, base)
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("config.json", '{"model_type": "llama",', "config.json: not valid JSON"),
+        ("config.json", "[1, 2]", "config.json: expected a JSON object, found list"),
+        ("adapter_config.json", '{"r": 8}', "adapter_config.json: base_model_name_or_path: missing"),
+    ],
+)
+def test_a_model_directory_with_a_broken_json_file_is_a_load_error_naming_it(
+    tmp_path, tiny_model_dir, capsys, name, text, message
+):
+    """Exit 2 with the file named, before any weights load, not a JSONDecodeError or KeyError traceback."""
+    import shutil
+
+    from rlhf.sft import cli
+
+    target = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, target)
+    (target / name).write_text(text)
+    with pytest.raises(ModelLoadError, match=message):
+        load_causal_lm(str(target))
+    train = write_jsonl(tmp_path / "train.jsonl", arithmetic_dialogues(8, seed=1))
+    argv = [
+        "--model_name_or_path",
+        str(target),
+        "--train_data",
+        str(train),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    assert cli([*argv, "--use_cpu", "true", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert f"{target / name}: " in err and "Traceback" not in err

@@ -7,22 +7,26 @@ diff, logit attribution with ablation, and reward attribution. Every subcommand 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 
 class InspectError(Exception):
     """Bad input to an inspect command (not a causal LM, empty data, unknown token); the message names it."""
+
+
+def model_config(path: str) -> dict:
+    """`path`'s config.json; a directory without one is not a checkpoint an inspect command can read."""
+    from rlhf.models import read_model_config
+
+    config = read_model_config(path)
+    if config is None:
+        raise InspectError(f"{path}: not a model checkpoint (no config.json)")
+    return config
 
 
 def check_causal_lm(path: str) -> None:
     """Refuse, before loading weights, a directory whose config does not describe a causal LM (e.g. a reward model)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise InspectError(f"{path}: not a model checkpoint (no config.json)")
-    config = json.loads(config_file.read_text())
+    config = model_config(path)
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = config.get("architectures") or []
     if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (

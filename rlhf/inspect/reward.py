@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.inspect import InspectError
+from rlhf.inspect import InspectError, model_config
 from rlhf.inspect.html import heading, paragraph, table, tokens_html, write_json, write_page
 
 GROUPS = ("marked", "rest of answer", "prompt and template")
@@ -160,12 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_reward_model(path: str) -> None:
     """Refuse, before loading weights, a directory that is not a sequence-classification checkpoint."""
-    import json
-
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise InspectError(f"{path}: not a model checkpoint (no config.json)")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    architectures = model_config(path).get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         found = ", ".join(architectures) or "no architectures"
         raise InspectError(

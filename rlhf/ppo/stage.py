@@ -41,7 +41,14 @@ from rlhf.distributed import (
 )
 from rlhf.launch import warn_about_cpu_threads
 from rlhf.losses import AdaptiveKLController, FixedKLController
-from rlhf.models import LoraSettings, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
+from rlhf.models import (
+    LoraSettings,
+    disable_dropout,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    read_model_config,
+)
 from rlhf.ppo.checkpoint import PARTS, check_finite, load_checkpoint, save_checkpoint
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.update import PPORun, PromptSet
@@ -97,8 +104,7 @@ def check_value_init(config: PPOStageConfig, reward_manifest: dict[str, Any] | N
     if config.value_init != "reward" or reward_manifest is None:
         return
     problems = []
-    model_config = Path(config.reward_model) / "config.json"
-    model_type = json.loads(model_config.read_text()).get("model_type") if model_config.is_file() else None
+    model_type = (read_model_config(config.reward_model) or {}).get("model_type")
     if model_type in ENCODER_TYPES:
         problems.append(f"it is a {model_type} encoder, not a causal model")
     problems += [
