@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import os
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
@@ -24,6 +25,25 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "HF_API_TOK
 
 class ConfigError(ValueError):
     """A config that cannot run: the message names the file or field."""
+
+
+def one_of(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
+    return (lambda x: x in allowed, f"one of {allowed}")
+
+
+POSITIVE = (lambda x: x > 0, "above 0")
+NON_NEGATIVE = (lambda x: x >= 0, "0 or more")
+FRACTION = (lambda x: 0 <= x <= 1, "in [0, 1]")
+
+
+def check_values(config: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """field -> (test, what it must be): a value that fails its test is a `ConfigError` naming the field, at parse
+    time, rather than a division by zero or a silently wrong run after the models have loaded. None (an optional
+    setting left off) is not tested."""
+    for name, (test, wanted) in rules.items():
+        value = getattr(config, name)
+        if value is not None and not test(value):
+            raise ConfigError(f"{name}: must be {wanted}, found {value!r}")
 
 
 def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:

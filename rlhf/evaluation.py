@@ -125,7 +125,7 @@ def policy_metrics(
     }
     if judges.reward is not None:
         per_prompt["rm"] = judges.reward(
-            prompts, answers.completions, prompt_messages=[r["prompt"] for r in rows]
+            prompts, answers.completions, prompt_messages=[r["prompt"] for r in rows], finished=answers.eos
         )
         metrics["rm_score"] = mean(per_prompt["rm"])
     if judges.gold is not None:

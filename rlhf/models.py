@@ -196,10 +196,14 @@ def apply_lora(
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout makes the first PPO ratio differ from 1 and the initial KL from 0."""
+    """Dropout makes the first PPO ratio differ from 1 and the initial KL from 0. Besides `nn.Dropout` modules, an
+    attention layer may copy its rate from the config into a float when built (Llama's `attention_dropout`,
+    applied inside the attention kernel in train mode): those are zeroed too, the config alone is read too late."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name in [n for n, v in vars(module).items() if n.endswith("dropout") and isinstance(v, float)]:
+            setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     for name in (
         "attention_dropout",

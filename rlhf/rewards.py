@@ -1,7 +1,8 @@
 """Reward sources: plain callables `(prompts, completions, **context) -> list[float]`, combined by weight.
 
 `prompts` are the user's request as text (the last user turn); `context` may carry `prompt_messages` (the whole
-prompt conversation) and `categories` for sources that need them. Three kinds ship: the learned reward model
+prompt conversation), `categories`, and `finished` (False where the answer was cut at the length limit) for
+sources that need them. Three kinds ship: the learned reward model
 (`RewardModelScorer`), the safety reward (`rlhf.safety`), and any user function named `module:function`.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from rlhf.config import ConfigError
-from rlhf.data import render_conversation
+from rlhf.data import render_conversation, render_prompt
 from rlhf.rollout import pad_batch, position_ids_from
 
 RewardFn = Callable[..., Sequence[float]]
@@ -168,21 +169,39 @@ class RewardModelScorer:
         self.max_length = manifest.get("config", {}).get("max_length")
         self.context_turns = manifest.get("config", {}).get("context_turns")
 
-    def raw_scores(self, prompt_messages: list[list[dict]], completions: list[str]) -> torch.Tensor:
+    def raw_scores(
+        self,
+        prompt_messages: list[list[dict]],
+        completions: list[str],
+        finished: Sequence[bool] | None = None,
+    ) -> torch.Tensor:
+        """`finished[i]` False: the answer was cut at the length limit (no EOS). It is scored as sampled, without
+        the end-of-turn token the chat template would close it with, so the reward model does not read a
+        truncated answer as a finished one."""
+        finished = [True] * len(completions) if finished is None else finished
         texts = [
             reward_text(
                 self.tokenizer, prompt, [{"role": "assistant", "content": completion}], self.context_turns
             )
-            for prompt, completion in zip(prompt_messages, completions, strict=True)
+            if done
+            else (
+                render_prompt(self.tokenizer, recent_turns(prompt, self.context_turns)) + completion
+            ).rstrip()
+            for prompt, completion, done in zip(prompt_messages, completions, finished, strict=True)
         ]
         ids = [scoring_ids(self.tokenizer, text, self.max_length) for text in texts]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)
 
     def __call__(
-        self, prompts: list[str], completions: list[str], prompt_messages=None, **_: Any
+        self,
+        prompts: list[str],
+        completions: list[str],
+        prompt_messages=None,
+        finished: Sequence[bool] | None = None,
+        **_: Any,
     ) -> list[float]:
         prompt_messages = prompt_messages or [[{"role": "user", "content": p}] for p in prompts]
-        return self.normalizer(self.raw_scores(prompt_messages, completions)).tolist()
+        return self.normalizer(self.raw_scores(prompt_messages, completions, finished)).tolist()
 
 
 # --------------------------------------------------------------------------------------------------------------

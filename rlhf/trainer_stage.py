@@ -27,11 +27,11 @@ from rlhf.checkpoint import (
     set_aside_later_checkpoints,
     write_manifest,
 )
-from rlhf.config import ConfigError, config_to_dict, dump_config
+from rlhf.config import POSITIVE, ConfigError, check_values, config_to_dict, dump_config, one_of
 from rlhf.data import Report, conversation_key, split_last_rows
 from rlhf.distributed import nonfinite_parameter
 from rlhf.launch import warn_about_cpu_threads
-from rlhf.models import LoraSettings
+from rlhf.models import DTYPES, LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,15 @@ class ModelFields:
             raise ConfigError("train_data: at least one source is required")
         if self.overflow not in ("truncate", "drop"):
             raise ConfigError(f"overflow: expected 'truncate' or 'drop', found {self.overflow!r}")
+        check_values(
+            self,
+            {
+                "dtype": one_of(*DTYPES),
+                "lora_r": POSITIVE,
+                "lora_alpha": POSITIVE,
+                "lora_dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+            },
+        )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction: expected a value in [0, 1), found {self.eval_fraction}")
         if self.eval_last_rows < 0:

@@ -286,6 +286,20 @@ def test_value_loss_hand_computed_clipping() -> None:
     assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3)
 
 
+def test_value_loss_clips_around_the_old_value_not_zero() -> None:
+    # c = 0.2, V_old = 5 (so a clip around 0 would give different numbers):
+    #  V = 6.0, R = 5: vpredclipped = 5.2, vf_losses1 = 1,    vf_losses2 = 0.04 -> 1
+    #  V = 6.0, R = 7: vpredclipped = 5.2, vf_losses1 = 1,    vf_losses2 = 3.24 -> 3.24 (clipped)
+    #  V = 4.9, R = 4: vpredclipped = 4.9, vf_losses1 = 0.81, vf_losses2 = 0.81 -> 0.81
+    values = torch.tensor([[6.0, 6.0, 4.9]])
+    returns = torch.tensor([[5.0, 7.0, 4.0]])
+    loss, stats = ppo_value_loss(
+        values, torch.full((1, 3), 5.0), returns, torch.ones(1, 3), clip_range_value=0.2
+    )
+    assert loss.item() == pytest.approx(0.5 * 5.05 / 3, abs=1e-5)
+    assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3)
+
+
 # --- Bradley-Terry -------------------------------------------------------------------------------------------------
 
 
@@ -338,6 +352,9 @@ def test_adaptive_kl_controller_direction_clipping_and_resume() -> None:
     down = AdaptiveKLController(init_beta=0.1, target=6.0, horizon=10000)
     down.update(current_kl=5.4, n_steps=100)  # error = -0.1, inside the clip
     assert down.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
+    far_below = AdaptiveKLController(init_beta=0.1, target=6.0, horizon=10000)
+    far_below.update(current_kl=0.6, n_steps=100)  # error = clip(-0.9) = -0.2
+    assert far_below.value == pytest.approx(0.1 * (1 - 0.2 * 100 / 10000))
 
     resumed = AdaptiveKLController(init_beta=0.1, target=6.0, horizon=10000)
     resumed.load_state_dict(up.state_dict())

@@ -56,8 +56,36 @@ def ppo_argv(tmp_path: Path, model_dir: str, **overrides) -> list[str]:
     return [item for key, value in args.items() for item in (f"--{key}", *str(value).split())]
 
 
-def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model_dir):
-    run = build_run(ppo_config(tmp_path, tiny_model_dir))
+@pytest.fixture(scope="module")
+def attention_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model with `attention_dropout: 0.5`: Llama applies it inside the attention kernel in train mode,
+    from a float each layer copied when it was built (no `nn.Dropout` module to find)."""
+    import json
+
+    target = tmp_path_factory.mktemp("dropout") / "model"
+    shutil.copytree(tiny_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    return str(target)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "attention dropout 0.5", "bf16 mixed precision"])
+def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model_dir, request, variant):
+    """Sampling, the reference and the training pass see one model in one precision: the first update's KL is 0
+    and its ratio 1, also with attention dropout in the config and under bf16 autocast (which the unwrapped
+    policy and the reference do not get from accelerate's prepared forward)."""
+    model_dir = (
+        request.getfixturevalue("attention_dropout_model_dir") if "dropout" in variant else tiny_model_dir
+    )
+    overrides = {}
+    if "bf16" in variant:
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps one process-wide state: its precision is set by the first Accelerator of the session.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+        overrides = {"mixed_precision": "bf16"}
+    run = build_run(ppo_config(tmp_path, model_dir, **overrides))
     batch, stats, _, _ = run.rollout({})
     assert stats["objective/kl"] == 0.0 and stats["objective/kl_k3"] == 0.0
     run.model.train()
@@ -67,6 +95,73 @@ def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model
     ratio = torch.exp(logprobs - batch.logprobs[first])[mask]
     assert torch.equal(ratio, torch.ones_like(ratio))
     assert torch.equal(values[mask], batch.values[first][mask])
+
+
+def test_the_loss_is_normalised_by_the_token_count_of_every_rank(tmp_path, tiny_model_dir, monkeypatch):
+    """DDP and DeepSpeed average gradients over ranks, so each rank divides its token sum by all ranks' tokens over
+    their number; its own count would over-weight the tokens of a rank with short answers. A second rank holding
+    100 more tokens is stood in for through `sum_over_ranks` and the process count."""
+    from accelerate import Accelerator
+
+    import rlhf.ppo.update as update
+
+    run = build_run(ppo_config(tmp_path, tiny_model_dir))
+    batch, _, _, _ = run.rollout({})
+    monkeypatch.setattr(update, "sum_over_ranks", lambda local: local + 100.0)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    seen, real = [], update.ppo_policy_loss
+
+    def policy_loss(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(update, "ppo_policy_loss", policy_loss)
+    minibatch = torch.arange(run.config.mini_batch_size)
+    run.optimizer_step(batch, minibatch)
+    local = float(batch.response_mask[minibatch].sum())
+    assert len(seen) == run.config.gradient_accumulation_steps
+    assert all(normaliser == (local + 100.0) / 2 for normaliser in seen)
+
+
+@pytest.mark.parametrize(
+    "mode,penalty,expected",
+    [("replace", -1.0, -1.0), ("replace", 1.0, -1.0), ("subtract", 1.0, 1.5), ("subtract", -1.0, 1.5)],
+)
+def test_a_missing_eos_is_penalised_whatever_the_sign_of_the_penalty(
+    tmp_path, tiny_model_dir, mode, penalty, expected
+):
+    """TRL writes the penalty as 1.0, the N+ details as -1: either way a truncated answer loses, never gains."""
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, missing_eos_penalty=penalty, missing_eos_mode=mode))
+    scores = run.penalise_missing_eos(torch.tensor([2.5, 2.5]), torch.tensor([True, False]))
+    assert scores.tolist() == [2.5, expected]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"micro_batch_size": 0}, "micro_batch_size: must be above 0, found 0"),
+        ({"save_every": 0}, "save_every: must be above 0"),
+        ({"total_updates": 0}, "total_updates: must be above 0"),
+        ({"target_kl": -1}, "target_kl: must be above 0"),
+        ({"reward_clip": -1}, "reward_clip: must be above 0"),
+        ({"gamma": 2}, "gamma: must be in [0, 1]"),
+        ({"ema_decay": 2}, "ema_decay: must be in (0, 1)"),
+        ({"kl_coef": -1}, "kl_coef: must be 0 or more"),
+        ({"dtype": "foo"}, "dtype: must be one of ('auto', 'float32', 'bfloat16', 'float16')"),
+        ({"mixed_precision": "foo"}, "mixed_precision: must be one of ('no', 'bf16', 'fp16')"),
+    ],
+)
+def test_a_value_the_stage_cannot_run_with_is_exit_2_at_parse_time(
+    tmp_path, monkeypatch, capsys, override, message
+):
+    """Each of these was a ZeroDivisionError, KeyError or ValueError traceback after the models had loaded, or a
+    silently wrong run (a negative reward clip makes every reward the same)."""
+    import rlhf.ppo.stage as stage
+
+    forbid_calls(monkeypatch, stage, "load_models", "load_tokenizer")
+    assert stage.cli(ppo_argv(tmp_path, "no-model-needed", **override)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_responses_are_cut_after_the_first_eos(tmp_path, tiny_model_dir):

@@ -692,6 +692,26 @@ def test_scorer_reads_an_over_long_conversation_as_the_stage_trained_on_it(train
     assert torch.allclose(scorer.raw_scores([prompt], ["Sure."]), expected)
 
 
+def test_scorer_reads_an_answer_cut_at_the_length_limit_without_an_end_of_turn(trained):
+    """PPO and `rlhf eval` pass `finished`: an answer without EOS is scored as sampled, not closed by the chat
+    template as if it had ended (then the reward model could not tell a truncated answer from a finished one)."""
+    from rlhf.data import render_prompt
+
+    config, _ = trained
+    scorer = RewardModelScorer(config.output_dir)
+    prompt, answer = [{"role": "user", "content": "What is 2 + 2?"}], "The answer is"
+    cut = encode_for_scoring(scorer.tokenizer, render_prompt(scorer.tokenizer, prompt) + answer)
+    closed = encode_for_scoring(
+        scorer.tokenizer, reward_text(scorer.tokenizer, prompt, [{"role": "assistant", "content": answer}])
+    )
+    assert cut != closed
+    pad = scorer.tokenizer.pad_token_id
+    expected = torch.cat([score_ids(scorer.model, [closed], pad), score_ids(scorer.model, [cut], pad)])
+    scores = scorer.raw_scores([prompt, prompt], [answer, answer], finished=[True, False])
+    assert torch.allclose(scores, expected) and scores[0] != scores[1]
+    assert torch.allclose(scorer.raw_scores([prompt], [answer]), scores[:1])  # finished by default
+
+
 def test_recent_turns_keeps_the_last_user_turns_after_any_system_message():
     from rlhf.rewards import recent_turns
 

@@ -8,8 +8,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf.config import ConfigError
+from rlhf.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_values, one_of
+from rlhf.models import DTYPES
 from rlhf.rollout import check_sampling
+
+# Values the stage cannot run with, or would run wrongly with (a negative clip, a discount above 1...).
+VALUE_RULES = {
+    **dict.fromkeys(
+        (
+            "rollout_batch_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "total_updates",
+            "ppo_epochs",
+            "save_every",
+            "log_every",
+            "sample_every",
+            "max_prompt_length",
+            "max_nonfinite_steps",
+            "lora_r",
+            "lora_alpha",
+            "learning_rate",
+            "adam_eps",
+            "max_grad_norm",
+            "target_kl",
+            "kl_horizon",
+            "cliprange",
+            "cliprange_value",
+            "approx_kl_stop",
+            "reward_clip",
+        ),
+        POSITIVE,
+    ),
+    **dict.fromkeys(("weight_decay", "kl_coef", "vf_coef", "entropy_coef", "ptx_coef"), NON_NEGATIVE),
+    "gamma": FRACTION,
+    "lam": FRACTION,
+    "ema_decay": (lambda x: 0 < x < 1, "in (0, 1)"),
+    "dtype": one_of(*DTYPES),
+    "mixed_precision": one_of("no", "bf16", "fp16"),
+}
 
 
 @dataclass
@@ -150,6 +187,7 @@ class PPOStageConfig:
     )
 
     def __post_init__(self):
+        check_values(self, VALUE_RULES)
         if not self.policy_model:
             raise ConfigError("policy_model: required")
         if not self.train_data:

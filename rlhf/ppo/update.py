@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlhf.distributed import gathered_for_generation, mean_over_ranks
+from rlhf.distributed import gathered_for_generation, mean_over_ranks, sum_over_ranks
 from rlhf.losses import (
     FixedKLController,
     compute_gae,
@@ -135,7 +135,10 @@ class PPORun:
         # 1. generate
         start = time.perf_counter()
         self.model.eval()
-        with gathered_for_generation(self.accelerator, self.model):
+        # The unwrapped policy and the reference run outside the prepared model's autocast: under mixed precision
+        # they take it here, so that sampling, the reference and the scoring passes share one precision (else the
+        # first update's KL is not 0 and the ratio is taken against a distribution nobody sampled from).
+        with gathered_for_generation(self.accelerator, self.model), self.accelerator.autocast():
             raw = generate(self.policy, query_ids, query_mask, tok, config)
         response_ids, response_mask, has_eos = cut_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
         batch = Rollout(query_ids, query_mask, response_ids, response_mask, has_eos)
@@ -151,6 +154,7 @@ class PPORun:
             completions,
             prompt_messages=[row["prompt"] for row in rows],
             categories=[row.get("category") for row in rows],
+            finished=has_eos.tolist(),
         )
         batch.scores = self.penalise_missing_eos(total.to(device), has_eos)
         timings["score"] = time.perf_counter() - start
@@ -159,7 +163,7 @@ class PPORun:
         start = time.perf_counter()
         with torch.no_grad():
             batch.logprobs, batch.values = self.forward_in_chunks(batch)
-            with reference_of(self.policy, self.reference) as reference:
+            with reference_of(self.policy, self.reference) as reference, self.accelerator.autocast():
                 batch.ref_logprobs = torch.cat(
                     [
                         policy_forward(reference, batch.select(chunk), config.temperature)[0]
@@ -206,13 +210,15 @@ class PPORun:
         return torch.cat([o[0] for o in outputs]), torch.cat([o[2] for o in outputs])
 
     def penalise_missing_eos(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
-        """An answer that never stopped gets the penalty instead of (replace) or on top of (subtract) its score."""
-        penalty = self.config.missing_eos_penalty
-        if penalty is None:
+        """An answer that never stopped gets the penalty instead of (replace) or on top of (subtract) its score.
+        The penalty's size counts, not its sign (-1 and TRL's 1.0 both penalise): a truncated answer never scores
+        above the penalty's negative in replace mode."""
+        if self.config.missing_eos_penalty is None:
             return scores
+        penalty = abs(self.config.missing_eos_penalty)
         if self.config.missing_eos_mode == "replace":
-            return torch.where(has_eos, scores, torch.full_like(scores, penalty))
-        return torch.where(has_eos, scores, scores - abs(penalty))
+            return torch.where(has_eos, scores, torch.full_like(scores, -penalty))
+        return torch.where(has_eos, scores, scores - penalty)
 
     def train_on(self, batch: Rollout) -> dict[str, float]:
         """6. PPO epochs: minibatches of `mini_batch_size`, accumulated over micro-batches, one optimizer step each.
@@ -250,7 +256,11 @@ class PPORun:
     def optimizer_step(self, batch: Rollout, minibatch: torch.Tensor) -> TokenWeightedMeans | None:
         """One optimizer step over `minibatch`; its statistics, or None when a non-finite loss skipped it."""
         config, accelerator = self.config, self.accelerator
-        tokens = batch.response_mask[minibatch].sum().clamp(min=1)
+        # The token mean over every rank's minibatch: DDP and DeepSpeed average the gradients over ranks, so each
+        # rank divides its token sum by the tokens of all ranks over their number. Its own count would weight the
+        # tokens of a rank with short answers above those of a rank with long ones.
+        local_tokens = float(batch.response_mask[minibatch].sum())
+        tokens = max(sum_over_ranks(local_tokens), 1.0) / accelerator.num_processes
         stats, losses = TokenWeightedMeans(), []
         # Grouped by answer length, so a micro-batch's forward (trimmed to its longest sequence) carries little
         # padding; the gradient is the same, the losses being normalised by the minibatch's token count.
@@ -261,7 +271,7 @@ class PPORun:
             mb = batch.select(micro)
             with accelerator.accumulate(self.model):
                 logprobs, entropy, values = self.model(mb, config.temperature, entropy_mode)
-                # Normalise by the minibatch's token count: the sum over micro-batches is then the token mean.
+                # Normalise by the step's token count: the sum over micro-batches and ranks is the token mean.
                 pg_loss, pg_stats = ppo_policy_loss(
                     logprobs, mb.logprobs, mb.advantages, mb.response_mask, config.cliprange, tokens
                 )
@@ -325,9 +335,10 @@ class PPORun:
         ids, mask = pad_batch([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
         labels, _ = pad_batch([r["labels"] for r in rows], -100)
         device = self.accelerator.device
-        return self.policy(
-            input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
-        ).loss
+        with self.accelerator.autocast():
+            return self.policy(
+                input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
+            ).loss
 
     def update_ema(self) -> None:
         if self.config.ema_decay is None:
