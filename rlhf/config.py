@@ -27,6 +27,38 @@ class ConfigError(ValueError):
     """A config that cannot run: the message names the file or field."""
 
 
+# A field's declared type -> the values it takes, for the types a YAML file can get wrong (a string for a number,
+# a number for a path, a list for a scalar). bool is an int to Python, never a number here.
+_SCALARS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def check_field_types(config: Any) -> None:
+    """Values of the types the config's fields declare, at parse time: argparse converts a value given on the
+    command line, but a YAML value arrives as YAML typed it. A list field given one value (`train_data:
+    file.jsonl`) holds that value; anything else of the wrong type is a `ConfigError` naming the field, not a
+    traceback after training (or a run that silently iterates over a path's characters)."""
+    # Our own fields, as written (strings, under `from __future__ import annotations`): the argument parser
+    # rewrites the types of the dataclass fields it reads (`str | None` becomes `str`), and the trainer's
+    # arguments are transformers' to check.
+    annotations: dict[str, Any] = {}
+    for cls in reversed(type(config).__mro__):
+        if cls.__module__.startswith("rlhf."):
+            annotations.update(getattr(cls, "__annotations__", {}))
+    for name, written in annotations.items():
+        declared = str(written).removesuffix(" | None")
+        value = getattr(config, name, None)
+        is_list = declared.startswith("list[")
+        kind = declared[5:-1] if is_list else declared
+        if value is None or kind not in _SCALARS:
+            continue
+        if is_list and not isinstance(value, list):
+            value = [value]
+            setattr(config, name, value)
+        values = value if is_list else [value]
+        if any(not isinstance(v, _SCALARS[kind]) or isinstance(v, bool) and kind != "bool" for v in values):
+            raise ConfigError(f"{name}: expected {declared}, found {value!r}")
+
+
 def one_of(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda x: x in allowed, f"one of {allowed}")
 
@@ -101,6 +133,10 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        # e.g. the Trainer's AcceleratorConfig, built from a dict and read back from one: its repr would be read
+        # back as a path, and the written config would not run again.
+        return _plain(dataclasses.asdict(value))
     return str(value)
 
 

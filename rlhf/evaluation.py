@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf.config import check_field_types
 from rlhf.data import load_prompts, render_prompt
 from rlhf.rollout import Rollout, check_sampling, cut_after_eos, generate, left_pad, policy_forward
 
@@ -40,6 +41,7 @@ class EvalSettings:
     reward_allowed_modules: list[str] = field(default_factory=lambda: ["rlhf."])
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_sampling(self)
 
 

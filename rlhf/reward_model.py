@@ -29,7 +29,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.checkpoint import resolve_resume, stage_manifest
-from rlhf.config import ConfigError, parse_config
+from rlhf.config import ConfigError, check_field_types, parse_config
 from rlhf.data import (
     DEGENERATE_POLICIES,
     Report,
@@ -135,6 +135,7 @@ class RewardStageConfig(ModelFields, RewardConfig):
     )
 
     def __post_init__(self):
+        check_field_types(self)
         self.default_precision()
         super().__post_init__()
         self.check_model_fields()

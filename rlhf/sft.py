@@ -17,7 +17,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from rlhf.checkpoint import resolve_resume
-from rlhf.config import ConfigError, parse_config
+from rlhf.config import ConfigError, check_field_types, parse_config
 from rlhf.data import Report, content_hash, load_demonstrations, tokenize_demonstrations
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.trainer_stage import (
@@ -53,6 +53,7 @@ class SFTStageConfig(ModelFields, SFTConfig):
     max_length: int | None = field(default=512, metadata={"help": "Tokens per example; see `overflow`."})
 
     def __post_init__(self):
+        check_field_types(self)
         self.default_precision()
         super().__post_init__()
         self.check_model_fields()

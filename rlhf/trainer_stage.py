@@ -110,6 +110,7 @@ class ModelFields:
             self,
             {
                 "dtype": one_of(*DTYPES),
+                "max_length": POSITIVE,
                 "lora_r": POSITIVE,
                 "lora_alpha": POSITIVE,
                 "lora_dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),

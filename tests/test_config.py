@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,59 @@ def test_only_config_errors_exit_2_and_a_bug_is_never_taken_for_one(capsys):
 
     with pytest.raises(ValueError, match="a bug"):
         run_guarded(load_config_values)
+
+
+@pytest.mark.parametrize(
+    "stage,path",
+    [
+        ("sft", "configs/demo/sft.yaml"),
+        ("reward", "configs/demo/reward.yaml"),
+        ("ppo", "configs/demo/ppo.yaml"),
+    ],
+)
+def test_the_config_a_run_writes_runs_again_unchanged(tmp_path, stage, path):
+    """A config file is the whole record of a run: the Trainer's AcceleratorConfig was written as its repr, which
+    then read back as a file path."""
+    from rlhf.config import config_to_dict
+
+    first = parse_config(STAGE_CONFIGS[stage], ["--config", str(REPO / path)])
+    dump_config(first, str(tmp_path / "config.yaml"))
+    again = parse_config(STAGE_CONFIGS[stage], ["--config", str(tmp_path / "config.yaml")])
+    assert config_to_dict(again) == config_to_dict(first)
+
+
+@pytest.mark.parametrize("config_cls", [SFTStageConfig, RewardStageConfig, PPOStageConfig])
+def test_a_list_field_given_one_value_in_yaml_holds_it(tmp_path, config_cls):
+    """`train_data: file.jsonl` trained fully, then failed to hash its data files before saving (a str is no list)."""
+    model_key = "policy_model" if config_cls is PPOStageConfig else "model_name_or_path"
+    extra = "reward_sources: [safety]\n" if config_cls is PPOStageConfig else ""
+    path = tmp_path / "stage.yaml"
+    path.write_text(f"{model_key}: m\ntrain_data: a.jsonl\noutput_dir: out\n{extra}")
+    assert parse_config(config_cls, ["--config", str(path)]).train_data == ["a.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "config_cls,line,message",
+    [
+        (SFTStageConfig, "model_name_or_path: 5", "model_name_or_path: expected str, found 5"),
+        (SFTStageConfig, "train_data: [1, 2]", "train_data: expected list[str], found [1, 2]"),
+        (SFTStageConfig, "max_length: -5", "max_length: must be above 0, found -5"),
+        (RewardStageConfig, "dtype: float8", "dtype: must be one of"),
+        (PPOStageConfig, "seed: 1.5", "seed: expected int, found 1.5"),
+        (PPOStageConfig, "use_lora: 3", "use_lora: expected bool, found 3"),
+        (PPOStageConfig, "reward_weights: ['1']", "reward_weights: expected list[float], found ['1']"),
+    ],
+)
+def test_a_yaml_value_of_the_wrong_type_is_a_config_error_naming_the_field(
+    tmp_path, config_cls, line, message
+):
+    """argparse converts command-line values, not YAML ones: these were tracebacks (or, for max_length, every
+    example silently cut short)."""
+    model_key = "policy_model" if config_cls is PPOStageConfig else "model_name_or_path"
+    extra = "reward_sources: [safety]\n" if config_cls is PPOStageConfig else ""
+    path = tmp_path / "stage.yaml"
+    path.write_text(f"{model_key}: m\ntrain_data: [a.jsonl]\noutput_dir: out\n{extra}{line}\n")
+    if line.startswith(model_key):
+        path.write_text(f"train_data: [a.jsonl]\noutput_dir: out\n{extra}{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(config_cls, ["--config", str(path)])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_values, one_of
+from rlhf.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_field_types, check_values, one_of
 from rlhf.models import DTYPES
 from rlhf.rollout import check_sampling
 
@@ -187,6 +187,7 @@ class PPOStageConfig:
     )
 
     def __post_init__(self):
+        check_field_types(self)
         check_values(self, VALUE_RULES)
         if not self.policy_model:
             raise ConfigError("policy_model: required")
