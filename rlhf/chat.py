@@ -64,11 +64,11 @@ def chat(
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from rlhf.cli import run_guarded
+    from rlhf.cli import at_least, run_guarded
 
     parser = argparse.ArgumentParser(prog="rlhf chat", description="Chat with a checkpoint (streaming).")
     parser.add_argument("path")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--system", help="Optional system message.")
     parser.add_argument("--trust-remote-code", action="store_true")

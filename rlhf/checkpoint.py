@@ -62,7 +62,9 @@ def read_json_object(path: str | Path, error: type[Exception]) -> dict[str, Any]
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """`text` (secrets redacted) in `path`, whole or not at all: written aside, synced, then renamed."""
+    """`text` (secrets redacted) in `path`, whole or not at all: written aside, synced, then renamed. Missing
+    directories on the way are made."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as handle:
         handle.write(redact(text))

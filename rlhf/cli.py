@@ -30,6 +30,26 @@ from rlhf.config import ConfigError, redact
 EXIT_BAD_INPUT = 2
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum` (else argparse's usage error, exit 2, before any work)."""
+
+    def count(text: str) -> int:
+        value = int(text)  # not an integer: argparse reports "invalid count value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, found {value}")
+        return value
+
+    return count
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write the results to (its directory is made when written). A directory is
+    refused now, not after the work whose results it was to hold."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    return text
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.checkpoint import HandoffError, ResumeError
     from rlhf.data import DataError

@@ -47,10 +47,12 @@ def check_model_dir(path: str, trust_remote_code: bool) -> None:
         if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
             raise ModelLoadError(f"{path}: no such model directory")
         return
-    if "auto_map" in (read_model_config(path) or {}) and not trust_remote_code:
-        raise ModelLoadError(
-            f"{path}: config.json has 'auto_map' (custom code); set trust_remote_code: true to run it"
-        )
+    for name in ("config.json", "tokenizer_config.json"):
+        file = Path(path) / name
+        if file.is_file() and "auto_map" in read_json_object(file, ModelLoadError) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{path}: {name} has 'auto_map' (custom code); set trust_remote_code: true to run it"
+            )
     names = os.listdir(path)
     has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     has_safetensors = any(n.endswith(".safetensors") for n in names)
@@ -60,11 +62,12 @@ def check_model_dir(path: str, trust_remote_code: bool) -> None:
 
 @contextmanager
 def loading(path: str, what: str):
-    """`from_pretrained` of `path`: a hub name that does not resolve (or a missing path that looks like one) is a
-    `ModelLoadError` (exit 2), not an OSError traceback."""
+    """`from_pretrained` of `path`: a hub name that does not resolve (or a missing path that looks like one), or a
+    directory transformers cannot read as `what` (no tokenizer files, an unknown model type) is a
+    `ModelLoadError` (exit 2), not an OSError or ValueError traceback."""
     try:
         yield
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"{path}: cannot load {what} ({err})") from None
 
 

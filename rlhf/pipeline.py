@@ -25,7 +25,15 @@ from typing import Any
 import yaml
 
 from rlhf.checkpoint import MANIFEST, HandoffError, move_aside, read_manifest
-from rlhf.config import config_to_dict, parse_config
+from rlhf.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    check_field_types,
+    check_values,
+    config_to_dict,
+    parse_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,10 @@ class PipelineConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for every stage and the evaluation."})
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_values(self, {"eval_max_new_tokens": POSITIVE, "inspect_per_category": NON_NEGATIVE})
 
 
 STAGES = ("sft", "reward", "ppo")
@@ -181,11 +193,45 @@ def is_stale(manifest: dict[str, Any], upstream: str, upstream_manifest: dict[st
     return False
 
 
+def check_inputs(config: PipelineConfig) -> None:
+    """Everything the stages and the evaluation will read, read now, before the first stage runs: each stage's
+    config with the pipeline's overrides, every data file, PPO's reward sources, the evaluation prompts, gold
+    judge and safety config. A bad one is exit 2 here, not after SFT and the reward model have trained."""
+    from rlhf import reward_model, sft
+    from rlhf.data import load_prompts
+    from rlhf.evaluation import EvalSettings
+    from rlhf.ppo.stage import read_inputs
+    from rlhf.rewards import load_function
+
+    if not Path(config.accelerate_config).is_file():
+        raise ConfigError(f"accelerate_config: {config.accelerate_config}: no such file")
+    if config.init_tiny:
+        missing = [c for c in config.tiny_corpus if not os.path.exists(c)]
+        if missing:
+            raise ConfigError(f"tiny_corpus: no such file or directory: {', '.join(missing)}")
+    sft_config, reward_config, ppo_config = (stage_config(s, stage_argv(config, s)) for s in STAGES)
+    sft.load_data(sft_config)
+    reward_model.load_pairs(reward_config)
+    reward_model.read_reference(reward_config)
+    read_inputs(ppo_config)
+    load_prompts(config.eval_prompts)
+    if config.gold_judge:
+        load_function(config.gold_judge, EvalSettings().reward_allowed_modules)
+    if config.safety_config:
+        from rlhf.safety import SafetyConfig
+        from rlhf.safety.reward import read_classifier_files
+
+        read_classifier_files(SafetyConfig.from_yaml(config.safety_config))
+
+
 def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
+        # The stage prints its own error (and traceback, for a bug); the launcher's traceback of its child's
+        # exit status would only bury it.
+        "--quiet",
         "--config_file",
         config.accelerate_config,
         "-m",
@@ -196,19 +242,18 @@ def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
         command, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     )
     if result.returncode != 0:
-        raise SystemExit(f"pipeline: {module} failed with exit code {result.returncode}")
+        raise SystemExit(f"pipeline: {module} failed (exit code {result.returncode}); its error is above")
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
+    check_inputs(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, Any] = {}
     if config.init_tiny and not Path(config.base_model, "model.safetensors").exists():
         from rlhf.models import init_tiny
 
-        init_tiny(
-            config.base_model, corpus=[c for c in config.tiny_corpus if os.path.exists(c)], seed=config.seed
-        )
+        init_tiny(config.base_model, corpus=config.tiny_corpus, seed=config.seed)
     upstream: tuple[str, dict[str, Any] | None] | None = None  # the stage before: name, manifest if skipped
     for stage in STAGES:
         argv = stage_argv(config, stage)

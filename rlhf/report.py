@@ -6,10 +6,13 @@ The report is honest: every evaluation metric gets a verdict, and a metric PPO d
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from rlhf.checkpoint import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 # metric -> True when higher is better
 VERDICT_METRICS = {
@@ -62,8 +65,12 @@ def verdicts(sft: dict[str, Any], ppo: dict[str, Any]) -> dict[str, str]:
 def plot(
     curves: dict[str, dict[str, list]], sft: dict[str, Any], ppo: dict[str, Any], out: Path
 ) -> list[str]:
-    import matplotlib
-
+    """The PNG files written (none without matplotlib, the `report` extra: the report is kept without them)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'rlhf[report]'): the report has no plots")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -132,15 +139,10 @@ def markdown(report: dict[str, Any]) -> str:
         "PPO did not improve: " + ", ".join(worse) if worse else "PPO improved or kept every tracked metric.",
     ]
     lines += inspect_lines(report.get("inspect"))
-    lines += [
-        "",
-        "![training curves](training_curves.png)",
-        "",
-        "![SFT vs PPO](eval_bars.png)",
-        "",
-        "## Samples",
-        "",
-    ]
+    captions = {"training_curves.png": "training curves", "eval_bars.png": "SFT vs PPO"}
+    for file in report.get("plots", []):
+        lines += ["", f"![{captions.get(file, file)}]({file})"]
+    lines += ["", "## Samples", ""]
     lines += ["| category | prompt | SFT | PPO |", "|---|---|---|---|"]
     clean = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     for sample in report["samples"]:

@@ -28,7 +28,7 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from rlhf.checkpoint import resolve_resume, stage_manifest
+from rlhf.checkpoint import resolve_resume, stage_manifest, write_text_atomic
 from rlhf.config import ConfigError, check_field_types, parse_config
 from rlhf.data import (
     DEGENERATE_POLICIES,
@@ -499,10 +499,15 @@ def load_pairs(config: RewardStageConfig) -> tuple[list[dict], list[dict], Repor
     return train_pairs, eval_pairs, report, eval_report
 
 
+def read_reference(config: RewardStageConfig) -> list[dict] | None:
+    """The `normalize_reference` rows, read with the training data: a bad row must stop the stage before training,
+    not after it."""
+    return load_scored_answers(config.normalize_reference)[0] if config.normalize_reference else None
+
+
 def main(config: RewardStageConfig) -> dict[str, Any]:
     train_pairs, eval_pairs, report, eval_report = load_pairs(config)
-    # Read now: a bad row must stop the stage before training, not after it.
-    reference = load_scored_answers(config.normalize_reference)[0] if config.normalize_reference else None
+    reference = read_reference(config)
     stage_manifest(config.model_name_or_path)  # a stage output as start model must be finished, intact
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train_rows = encode_pairs(tokenizer, train_pairs, config, report)
@@ -589,15 +594,14 @@ def score_file(
     for prompt, completion, r, n in zip(prompts, completions, raw.tolist(), normalised.tolist(), strict=True):
         out.append({"prompt": prompt, "response": completion, "score": r, "normalized_score": n})
     if out_path:
-        with open(out_path, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in out)
+        write_text_atomic(out_path, "".join(json.dumps(row) + "\n" for row in out))
     else:
         sys.stdout.writelines(json.dumps(row) + "\n" for row in out)
     return out
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from rlhf.cli import run_guarded
+    from rlhf.cli import at_least, output_file, run_guarded
 
     argv = list(argv or [])
     if argv and argv[0] == "score":
@@ -606,8 +610,8 @@ def cli(argv: list[str] | None = None) -> int:
         )
         parser.add_argument("--model", required=True)
         parser.add_argument("--data", required=True)
-        parser.add_argument("--out")
-        parser.add_argument("--batch-size", type=int, default=32)
+        parser.add_argument("--out", type=output_file)
+        parser.add_argument("--batch-size", type=at_least(1), default=32)
         args = parser.parse_args(argv[1:])
         return run_guarded(lambda: score_file(args.model, args.data, args.out, args.batch_size))
     return run_guarded(lambda: main(parse_config(RewardStageConfig, argv)))

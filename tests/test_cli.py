@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
 
 ENDING = """
@@ -90,3 +91,47 @@ def test_run_guarded_shuts_the_process_group_down_on_success_and_on_bad_input(tm
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["inspect", "neurons", "--model", "m", "--data", "d.jsonl", "--top-k", "0"],
+            "--top-k: must be 1 or more",
+        ),
+        (
+            ["inspect", "diff", "--before", "a", "--after", "b", "--prompts", "p", "--excerpt-tokens", "0"],
+            "--excerpt-tokens",
+        ),
+        (
+            ["reward", "score", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"],
+            "--batch-size: must be 1",
+        ),
+        (["eval", "--policy", "m", "--prompts", "p.jsonl", "--out", "."], "--out: . is a directory"),
+        (["eval", "--policy", "m", "--prompts", "p.jsonl", "--max-new-tokens", "-5"], "must be 1 or more"),
+        (["chat", "m", "--max-new-tokens", "0"], "--max-new-tokens: must be 1 or more"),
+    ],
+)
+def test_a_command_line_value_that_cannot_work_is_a_usage_error_before_any_work(
+    argv, message, monkeypatch, capsys
+):
+    """Each of these was a traceback after the model had loaded (or, for --out, after the whole evaluation)."""
+    from conftest import forbid_calls
+
+    import rlhf.models
+    from rlhf.cli import main
+
+    forbid_calls(monkeypatch, rlhf.models, "load_tokenizer", "load_causal_lm", "load_scalar_model")
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_and_reward_score_write_their_output_file_whole_making_its_directory(tmp_path):
+    from rlhf.checkpoint import write_text_atomic
+
+    write_text_atomic(tmp_path / "new" / "dir" / "out.json", "{}")
+    assert (tmp_path / "new" / "dir" / "out.json").read_text() == "{}"
+    assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["out.json"]  # no temporary file left

@@ -174,3 +174,24 @@ def test_a_model_directory_with_a_broken_json_file_is_a_load_error_naming_it(
     assert cli([*argv, "--use_cpu", "true", "--report_to", "none"]) == 2
     err = capsys.readouterr().err
     assert f"{target / name}: " in err and "Traceback" not in err
+
+
+def test_a_directory_transformers_cannot_read_is_a_load_error_and_custom_tokenizer_code_is_refused(
+    tmp_path, tiny_model_dir
+):
+    """Config only (no tokenizer files): a ValueError traceback from transformers in `rlhf eval` and `inspect`.
+    `auto_map` in tokenizer_config.json names custom tokenizer code as config.json's does for models."""
+    import shutil
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(f"{tiny_model_dir}/config.json", config_only)
+    with pytest.raises(ModelLoadError, match="config-only: cannot load a tokenizer"):
+        load_tokenizer(str(config_only))
+    custom = tmp_path / "custom-tokenizer"
+    shutil.copytree(tiny_model_dir, custom)
+    settings = json.loads((custom / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (custom / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ModelLoadError, match="tokenizer_config.json has 'auto_map'"):
+        load_tokenizer(str(custom))

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, forbid_calls
 
 from rlhf.config import parse_config
 from rlhf.pipeline import PipelineConfig, run
@@ -18,8 +18,8 @@ def head(source: Path, target: Path, n: int) -> str:
     return str(target)
 
 
-@pytest.mark.slow
-def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def pipeline_argv(tmp_path: Path, base_model: str) -> list[str]:
+    """Stage configs on a few demo rows, written to `tmp_path`, and the pipeline's command line for them."""
     demo = REPO / "data" / "demo"
     sft_data = head(demo / "sft.jsonl", tmp_path / "sft.jsonl", 64)
     pairs = head(demo / "rankings.jsonl", tmp_path / "rankings.jsonl", 32)
@@ -38,11 +38,11 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
         f"policy_model: x\nreward_model: x\ntrain_data: [{prompts}]\noutput_dir: x\ntotal_updates: 2\n"
         f"rollout_batch_size: 4\nmini_batch_size: 4\nmicro_batch_size: 4\nmax_new_tokens: 8\nppo_epochs: 1\n{common}"
     )
-    argv = [
+    return [
         "--output_dir",
         str(tmp_path / "run"),
         "--base_model",
-        tiny_model_dir,
+        base_model,
         "--accelerate_config",
         str(REPO / "configs" / "accelerate" / "cpu.yaml"),
         "--sft_config",
@@ -60,6 +60,55 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
         "--eval_max_new_tokens",
         "8",
     ]
+
+
+def append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+@pytest.mark.parametrize(
+    "spoil,message",
+    [
+        (lambda d: append(d / "ppo.yaml", "total_updtes: 30\n"), "total_updtes"),
+        (lambda d: append(d / "reward.yaml", "max_length: -1\n"), "max_length: must be above 0"),
+        (lambda d: append(d / "prompts.jsonl", '{"prompt": ""}\n'), "prompts.jsonl:17: prompt: blank text"),
+        (lambda d: append(d / "rankings.jsonl", "{oops\n"), "rankings.jsonl:33: malformed JSON"),
+        (
+            lambda d: append(d / "ppo.yaml", "reward_sources: [os:system]\n"),
+            "outside the allowed import paths",
+        ),
+        (lambda d: append(d / "eval.jsonl", '{"prompt": "hi", "category": 5}\n'), "eval.jsonl:9"),
+        (["--gold_judge", "rlhf.demo:no_such_judge"], "no_such_judge"),
+        (["--safety_config", "missing.yaml"], "missing.yaml"),
+        (["--eval_max_new_tokens", "0"], "eval_max_new_tokens: must be above 0"),
+        (["--init_tiny", "true", "--base_model", "new", "--tiny_corpus", "no/such/corpus"], "no/such/corpus"),
+        (["--accelerate_config", "no/such.yaml"], "accelerate_config: no/such.yaml: no such file"),
+    ],
+)
+def test_a_bad_input_anywhere_is_exit_2_before_the_first_stage_runs(
+    tmp_path, tiny_model_dir, monkeypatch, capsys, spoil, message
+):
+    """A typo in PPO's config, a bad prompt row or a missing evaluation file failed only after SFT and the reward
+    model had trained (as a launcher traceback, exit 1)."""
+    import rlhf.models
+    import rlhf.pipeline
+
+    argv = pipeline_argv(tmp_path, tiny_model_dir)
+    if callable(spoil):
+        spoil(tmp_path)
+    else:
+        argv += spoil
+    forbid_calls(monkeypatch, rlhf.pipeline, "launch")
+    forbid_calls(monkeypatch, rlhf.models, "init_tiny")
+    assert rlhf.pipeline.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    argv = pipeline_argv(tmp_path, tiny_model_dir)
     config = parse_config(PipelineConfig, argv)
     import rlhf.evaluation
     import rlhf.pipeline

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rlhf.cli import at_least
 from rlhf.inspect import InspectError
 from rlhf.inspect.model_parts import (
     ModelParts,
@@ -296,14 +297,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True, help="Prompts file (the data module's prompts schema).")
     parser.add_argument("--data", nargs="*", help="More texts to explain the units on (as for `neurons`).")
     parser.add_argument("--out", default="outputs/inspect/diff", help="Output directory.")
-    parser.add_argument("--top", type=int, default=10, help="Units listed per category and ranking.")
+    parser.add_argument("--top", type=at_least(1), default=10, help="Units listed per category and ranking.")
     parser.add_argument(
-        "--per-category", type=int, default=0, help="Use only the first N prompts of each category (0 = all)."
+        "--per-category",
+        type=at_least(0),
+        default=0,
+        help="Use only the first N prompts of each category (0 = all).",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="Answer length.")
-    parser.add_argument("--excerpt-tokens", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=20, help="Top excerpts per unit for the explanations.")
-    parser.add_argument("--random", type=int, default=20, help="Random excerpts for the explanations.")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=32, help="Answer length.")
+    parser.add_argument("--excerpt-tokens", type=at_least(1), default=64)
+    parser.add_argument(
+        "--top-k", type=at_least(1), default=20, help="Top excerpts per unit for the explanations."
+    )
+    parser.add_argument(
+        "--random", type=at_least(0), default=20, help="Random excerpts for the explanations."
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

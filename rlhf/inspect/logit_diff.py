@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.cli import at_least
 from rlhf.inspect import InspectError
 from rlhf.inspect.html import heading, paragraph, table, write_json, write_page
 from rlhf.inspect.model_parts import (
@@ -328,7 +329,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="total",
         help="Order units by estimated ablation effect (total) or by direct logit attribution.",
     )
-    parser.add_argument("--top", type=int, default=20, help="Units listed per sign in the output.")
+    parser.add_argument("--top", type=at_least(1), default=20, help="Units listed per sign in the output.")
     parser.add_argument("--out", default="outputs/inspect/logit-diff", help="Directory for JSON and HTML.")
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rlhf.cli import at_least
 from rlhf.inspect import InspectError
 from rlhf.inspect.explain import Excerpt
 from rlhf.inspect.model_parts import (
@@ -320,11 +321,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, nargs="+", help="Text or conversation files (JSONL, JSON, ...)."
     )
     parser.add_argument("--out", default="outputs/inspect/neurons", help="Output directory.")
-    parser.add_argument("--top-k", type=int, default=20, help="Top-activating excerpts kept per unit.")
-    parser.add_argument("--random", type=int, default=20, help="Random excerpts kept (shared by all units).")
-    parser.add_argument("--excerpt-tokens", type=int, default=64, help="Excerpt length in tokens.")
+    parser.add_argument(
+        "--top-k", type=at_least(1), default=20, help="Top-activating excerpts kept per unit."
+    )
+    parser.add_argument(
+        "--random", type=at_least(0), default=20, help="Random excerpts kept (shared by all units)."
+    )
+    parser.add_argument("--excerpt-tokens", type=at_least(1), default=64, help="Excerpt length in tokens.")
     parser.add_argument("--heads", action="store_true", help="Record attention heads as units too.")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random excerpt sample.")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.cli import at_least
 from rlhf.inspect import InspectError, model_config
 from rlhf.inspect.html import heading, paragraph, table, tokens_html, write_json, write_page
 
@@ -151,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prompt + response (or responses) rows.")
     parser.add_argument("--category", help="Only the rows of this prompt category (e.g. disallowed).")
     parser.add_argument("--mark", help="Regex over the answers: report the positive share its tokens carry.")
-    parser.add_argument("--steps", type=int, default=64, help="Integrated-gradients steps.")
+    parser.add_argument("--steps", type=at_least(1), default=64, help="Integrated-gradients steps.")
     parser.add_argument(
         "--baseline", choices=["mean", "pad"], default="mean", help="Embedding of the baseline."
     )

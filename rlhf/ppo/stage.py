@@ -162,13 +162,20 @@ def load_models(config: PPOStageConfig, tokenizer, frozen=None):
     return policy, reference, value
 
 
+def read_inputs(config: PPOStageConfig) -> tuple[list[dict], Report, dict[str, Any], list[dict] | None]:
+    """Everything the stage reads but its models, validated before any model loads (and by `rlhf pipeline` before
+    its first stage runs): the prompts with their report, the resolved reward sources, the ptx demonstrations."""
+    prompt_rows, prompt_report = load_prompts(config.train_data)
+    resolved_sources = resolve_reward_sources(config)
+    ptx_rows = load_demonstrations(config.ptx_data)[0] if config.ptx_coef > 0 else None
+    return prompt_rows, prompt_report, resolved_sources, ptx_rows
+
+
 def build_run(config: PPOStageConfig) -> PPORun:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    prompt_rows, prompt_report = load_prompts(config.train_data)  # validated before any model loads
-    resolved_sources = resolve_reward_sources(config)
-    ptx_rows = load_demonstrations(config.ptx_data)[0] if config.ptx_coef > 0 else None
+    prompt_rows, prompt_report, resolved_sources, ptx_rows = read_inputs(config)
     policy_manifest = stage_manifest(config.policy_model, "sft")
     tokenizer = load_tokenizer(config.policy_model, config.trust_remote_code, padding_side="left")
     if policy_manifest:
