@@ -83,6 +83,10 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None) -> T:
     from trl import TrlParser
 
     argv = list(argv) if argv is not None else None
+    if argv is not None:  # `--config=FILE` is `--config FILE`, as argparse reads every other option
+        argv = [
+            part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])
+        ]
     if argv is not None and "--config" in argv:
         if argv.index("--config") + 1 == len(argv):
             raise ConfigError("--config: expected a config file after it")

@@ -191,7 +191,6 @@ def encode_pairs(
     tokenizer, pairs: list[dict], config: RewardStageConfig, report: Report
 ) -> list[dict[str, Any]]:
     """Pairs -> chosen_ids / rejected_ids / margin / weight; over-length pairs truncated or dropped, counted."""
-    group_sizes = Counter(pair["group"] for pair in pairs)
     encoded, empty_answers = [], 0
     for pair in pairs:
         chosen, rejected = encode_pair(tokenizer, pair, config.context_turns)
@@ -202,10 +201,13 @@ def encode_pairs(
             chosen, rejected = (keep_end(tokenizer, ids, config.max_length) for ids in (chosen, rejected))
             report.truncated += 1
         row = {"chosen_ids": chosen, "rejected_ids": rejected, "group": pair["group"]}
-        row["weight"] = 1.0 / group_sizes[pair["group"]] if config.group_weighting else 1.0
         row["margin"] = pair["margin"] if pair["margin"] is not None else 0.0
         encoded.append(row)
         empty_answers += has_empty_answer(pair)
+    # Every prompt counts once: its pairs share a weight of 1, over the pairs left after any were dropped.
+    group_sizes = Counter(row["group"] for row in encoded)
+    for row in encoded:
+        row["weight"] = 1.0 / group_sizes[row["group"]] if config.group_weighting else 1.0
     report.kept, report.empty_answers = len(encoded), empty_answers
     return encoded
 

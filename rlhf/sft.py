@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rlhf.checkpoint import resolve_resume
+from rlhf.checkpoint import resolve_resume, stage_manifest
 from rlhf.config import ConfigError, check_field_types, parse_config
 from rlhf.data import Report, content_hash, load_demonstrations, tokenize_demonstrations
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -94,6 +94,7 @@ def tokenize(config: SFTStageConfig, tokenizer, rows, report: Report) -> Dataset
 
 def main(config: SFTStageConfig) -> dict:
     train_rows, eval_rows, report, eval_report = load_data(config)
+    stage_manifest(config.model_name_or_path)  # a stage output as start model must be finished, intact
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
     train_set = tokenize(config, tokenizer, train_rows, report)
     eval_set = tokenize(config, tokenizer, eval_rows, eval_report)

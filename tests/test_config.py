@@ -44,6 +44,12 @@ def test_command_line_overrides_yaml(tmp_path):
     assert config.learning_rate == 0.5 and config.train_data == ["a.jsonl"]
 
 
+def test_config_flag_with_an_equals_sign_reads_the_file(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("model_name_or_path: m\ntrain_data: [a.jsonl]\noutput_dir: out\n")
+    assert parse_config(SFTStageConfig, [f"--config={path}"]).train_data == ["a.jsonl"]
+
+
 def test_unknown_keys_are_errors(tmp_path):
     path = tmp_path / "sft.yaml"
     path.write_text("model_name_or_path: m\ntrain_data: [a]\noutput_dir: out\nlerning_rate: 0.1\n")

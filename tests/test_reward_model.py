@@ -552,6 +552,20 @@ def test_k_way_rankings_expand_to_all_pairs_with_one_unit_of_weight_per_prompt(t
     assert {r["weight"] for r in flat} == {1.0}
 
 
+def test_a_ranking_with_over_length_pairs_dropped_still_counts_once(tmp_path, tiny_tokenizer):
+    """`overflow: drop` removes the pairs with a long answer; the prompt's remaining pairs share its unit weight
+    (counted before the drops, the group weighed 1/3 of a prompt)."""
+    long = "word " * 80
+    row = {"prompt": "rank these", "responses": ["short a", "short b", long], "ranking": [0, 1, 2]}
+    pairs, _ = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", [row])))
+    assert len(pairs) == 3
+    config = reward_config(tmp_path, "unused", max_length=32, overflow="drop")
+    report = Report()
+    rows = encode_pairs(tiny_tokenizer, pairs, config, report)
+    assert len(rows) == 1 and report.drops == {"over max_length": 2}
+    assert rows[0]["weight"] == 1.0
+
+
 def test_group_weighted_loss_equals_weighted_bradley_terry_on_one_batch(
     tmp_path, tiny_model_dir, tiny_tokenizer
 ):

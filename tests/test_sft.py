@@ -155,3 +155,17 @@ def test_an_empty_train_or_eval_set_is_a_config_error_before_a_model_loads(
     forbid_calls(monkeypatch, sft, "load_causal_lm")
     with pytest.raises(ConfigError, match=message):
         main(config)
+
+
+def test_sft_refuses_to_start_from_an_unfinished_stage_output(tmp_path, tiny_model_dir, monkeypatch):
+    """A stage output (it has config.yaml) without its manifest did not finish: the reward stage refused one, SFT
+    trained from it."""
+    import rlhf.sft as sft
+    from rlhf.checkpoint import HandoffError
+
+    unfinished = tmp_path / "half"
+    shutil.copytree(tiny_model_dir, unfinished)
+    (unfinished / "config.yaml").write_text("model_name_or_path: base\n")
+    forbid_calls(monkeypatch, sft, "load_causal_lm")
+    with pytest.raises(HandoffError, match="no manifest.json; the stage did not finish"):
+        main(sft_config(tmp_path, str(unfinished)))
