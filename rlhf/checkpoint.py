@@ -132,14 +132,23 @@ def move_aside(path: str | Path, label: str) -> Path:
     return Path(target)
 
 
+def remove_interrupted_saves(directory: Path) -> None:
+    """Delete what a crashed `atomic_directory` left: its temporary directory, or the replaced checkpoint it was
+    deleting. Neither is ever complete, and on a real model each holds gigabytes."""
+    for leftover in directory.iterdir():
+        if leftover.is_dir() and leftover.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def set_aside_later_checkpoints(directory: str | Path, resume: str | None) -> list[Path]:
-    """Move the checkpoints in `directory` past the one this run resumes from (all of them on a fresh start) to
-    `<name>.abandoned-<time>`. They belong to a line of training this run does not continue: left in place they
+    """Before a run trains: remove interrupted saves, and move the checkpoints in `directory` past the one this run
+    resumes from (all of them on a fresh start) to `<name>.abandoned-<time>`. They belong to a line of training this run does not continue: left in place they
     would outrank its own checkpoints, in rotation (which keeps the highest steps) and in `resume: auto`, and a
     Trainer saving the same step again would write into a directory that already carries a commit marker."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    remove_interrupted_saves(directory)
     start = -1
     if resume:
         match = CHECKPOINT_NAME.match(Path(resume).name)

@@ -64,12 +64,14 @@ def test_checkpoints_past_the_resume_point_are_moved_aside_never_deleted(tmp_pat
         with atomic_directory(tmp_path / f"step-{step}") as tmp:
             (tmp / "w").write_text(str(step))
     (tmp_path / "step-5").mkdir()  # an interrupted save: no marker
+    (tmp_path / ".tmp-step-6-4242").mkdir()  # a crashed atomic_directory's temporary directory
     moved = set_aside_later_checkpoints(tmp_path, str(tmp_path / "step-2"))
     assert sorted(p.name.split(".")[0] for p in moved) == ["step-3", "step-4", "step-5"]
     assert all(p.name.startswith(p.name.split(".")[0] + ".abandoned-") for p in moved)
     assert (moved[0] / "w").read_text() == "3"  # kept whole
     # The resumed line is now the newest: `auto` and rotation see it, not the abandoned steps.
     assert resolve_resume("auto", tmp_path) == str(tmp_path / "step-2")
+    assert not (tmp_path / ".tmp-step-6-4242").exists()
     with atomic_directory(tmp_path / "step-3") as tmp:
         (tmp / "w").write_text("new 3")
     rotate_checkpoints(tmp_path, keep_last=1)
