@@ -225,7 +225,7 @@ def side_by_side(
 
 def cli(argv: list[str] | None = None) -> int:
     from rlhf.checkpoint import write_text_atomic
-    from rlhf.cli import at_least, output_file, run_guarded
+    from rlhf.cli import output_file, run_guarded
 
     parser = argparse.ArgumentParser(prog="rlhf eval", description="Evaluate a policy against its reference.")
     parser.add_argument("--policy", required=True)
@@ -234,7 +234,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--gold", help="Gold judge 'module:function' (e.g. rlhf.demo:gold_judge).")
     parser.add_argument("--safety-config", help="Safety classifier config for refusal and compliance rates.")
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=48)  # checked with the other sampling settings
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=output_file, help="Write the results as JSON here (default: print).")

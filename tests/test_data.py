@@ -111,6 +111,70 @@ BAD_CASES = [
     ("prompts", '{"prompt": "   "}\n', 1, "prompt: blank text"),
     ("prompts", '{"messages": [{"role": "user", "content": ""}]}\n', 1, "messages[0].content: empty content"),
     ("prompts", '{"category": "allowed"}\n', 1, "prompt: missing required field"),
+    # Margins are finite real numbers: not infinite, not a bool, not a string that spells a number.
+    (
+        "pairs",
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": Infinity}\n',
+        1,
+        "margin: expected a finite number, found inf",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1e400}\n',
+        1,
+        "margin: expected a finite number, found inf",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}\n',
+        1,
+        "margin: expected a finite number, found nan",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1.5"}\n',
+        1,
+        "margin: expected a finite number, found str '1.5'",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": true}\n',
+        1,
+        "margin: expected a finite number, found bool True",
+    ),
+    # A ranking's answers are answers, as a pair's are; a row is a ranking or a pair, not both.
+    (
+        "pairs",
+        '{"prompt": "q", "responses": ["a", [{"role": "user", "content": "b"}]]}\n',
+        1,
+        "responses[1]: expected an assistant answer, found role 'user'",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "responses": ["\\n\\nHuman: x\\n\\nAssistant: y", "b"]}\n',
+        1,
+        "responses[0]: expected an assistant answer, found role 'user'",
+    ),
+    (
+        "pairs",
+        '{"prompt": "q", "responses": ["a", "b"], "chosen": "a", "rejected": "b"}\n',
+        1,
+        "responses: a ranking ('responses') and a pair (chosen/rejected) in one row",
+    ),
+    # Categories are the README's three (PPO and evaluation read them after the models load).
+    (
+        "prompts",
+        '{"prompt": "q", "category": "Allowed"}\n',
+        1,
+        "category: expected one of allowed/sensitive/disallowed or null, found 'Allowed'",
+    ),
+    ("prompts", '{"prompt": "q", "category": "harmful"}\n', 1, "found 'harmful'"),
+    (
+        "prompts",
+        '{"prompt": "\\n\\nAssistant:"}\n',
+        1,
+        "prompt: expected a conversation ending on a user turn, found no turns",
+    ),
 ]
 
 
@@ -249,6 +313,25 @@ def test_explicit_pairs_with_margin(tmp_path):
     assert pair["margin"] == 1.5
 
 
+def test_csv_margin_and_category_cells_are_text_read_by_their_column(tmp_path):
+    # An empty optional cell is "not given"; a margin cell is a number written out; an empty answer stays an answer.
+    pairs_csv = tmp_path / "pairs.csv"
+    pairs_csv.write_text("prompt,chosen,rejected,margin\nhi,a,b,\nyo,c,d,1.5\nok,,e, \n")
+    pairs, report = load_preferences(str(pairs_csv))
+    assert [p["margin"] for p in pairs] == [None, 1.5, None] and report.empty_answers == 1
+    pairs_csv.write_text("prompt,chosen,rejected,margin\nhi,a,b,abc\nyo,c,d,inf\n")
+    with pytest.raises(DataError) as caught:
+        load_preferences(str(pairs_csv))
+    assert [str(p) for p in caught.value.problems] == [
+        f"{pairs_csv}:2: margin: expected a finite number, found str 'abc'",
+        f"{pairs_csv}:3: margin: expected a finite number, found inf",
+    ]
+    prompts_csv = tmp_path / "prompts.csv"
+    prompts_csv.write_text("prompt,category,task\nhi,,\nyo,sensitive,x\n")
+    loaded, _ = load_prompts(str(prompts_csv))
+    assert [(p["category"], p["task"]) for p in loaded] == [(None, ""), ("sensitive", "x")]
+
+
 def test_k_way_ranking_expands_to_all_pairs_with_group_ids(tmp_path):
     rows = [
         {"prompt": "q1", "responses": ["r0", "r1", "r2", "r3"], "ranking": [2, 0, 3, 1]},
@@ -287,6 +370,31 @@ def test_hh_rlhf_implicit_prompt_pairs_split_at_the_turn(tmp_path):
     assert pairs[1]["prompt"] == [msg(USER, "hi")] and pairs[1]["rejected"] == [msg(ASSISTANT, "go away")]
 
 
+def test_hh_prompts_ending_in_the_assistant_cue_read_as_the_whole_transcript_would(tmp_path):
+    """The Dahoas rm-static layout: the prompt ends with the cue "\\n\\nAssistant:" and each answer continues it."""
+    prompt = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How do I bake bread?\n\nAssistant:"
+    conversation = [msg(USER, "Hi"), msg(ASSISTANT, "Hello."), msg(USER, "How do I bake bread?")]
+    rows = [
+        {"prompt": prompt, "chosen": " Mix flour and water.", "rejected": " I cannot help."},
+        {"chosen": prompt + " Mix flour and water.", "rejected": prompt + " I cannot help."},
+        {"prompt": prompt, "responses": [" Mix flour and water.", " I cannot help."]},
+    ]
+    pairs, _ = load_preferences(str(write_jsonl(tmp_path / "rm_static.jsonl", rows)))
+    # The split layout gives what the whole transcript gives: no empty assistant turn, no leading space.
+    for pair in pairs:
+        assert pair["prompt"] == conversation
+        assert (pair["chosen"], pair["rejected"]) == (
+            [msg(ASSISTANT, "Mix flour and water.")],
+            [msg(ASSISTANT, "I cannot help.")],
+        )
+    sft_rows = [{"prompt": prompt, "completion": " Mix flour and water."}]
+    (demo,), report = load_demonstrations(str(write_jsonl(tmp_path / "sft.jsonl", sft_rows)))
+    assert demo["messages"] == conversation + [msg(ASSISTANT, "Mix flour and water.")]
+    assert report.empty_answers == 0
+    (row,), _ = load_prompts(str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": prompt}])))
+    assert row["prompt"] == conversation
+
+
 def test_implicit_pairs_diverging_at_a_user_turn_are_rejected(tmp_path):
     row = {
         "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
@@ -307,6 +415,18 @@ def test_prompts_keep_category_and_extra_columns(tmp_path):
     loaded, _ = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
     assert loaded[0]["prompt"] == [msg(USER, "How do I bake bread?")] and loaded[0]["task"] == "howto"
     assert loaded[1]["category"] == "sensitive" and loaded[1]["prompt"][0]["role"] == "system"
+
+
+def test_a_missing_category_is_allowed_and_scored_answers_take_any_label(tmp_path):
+    rows = [{"prompt": "q"}, {"prompt": "r", "category": None}, {"prompt": "s", "category": "disallowed"}]
+    loaded, _ = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    assert [r["category"] for r in loaded] == [None, None, "disallowed"]
+    # The reward model never reads it: for `rlhf reward score` and `inspect reward` a category is a filter label.
+    answers = [{"prompt": "q", "response": "a", "category": "refusals"}]
+    (scored,), _ = data.load_scored_answers(str(write_jsonl(tmp_path / "a.jsonl", answers)))
+    assert scored["category"] == "refusals"
+    with pytest.raises(DataError, match="a.jsonl:1: category: expected a string, found int"):
+        data.load_scored_answers(str(write_jsonl(tmp_path / "a.jsonl", [{**answers[0], "category": 3}])))
 
 
 def test_prompt_must_end_on_a_user_turn(tmp_path):
@@ -336,14 +456,33 @@ def test_assistant_only_labels_cover_each_assistant_turn_and_its_eos(tiny_tokeni
     assert all(encoded["labels"][i] == -100 for i in range(trained[0]))
 
 
-def test_empty_mask_is_an_error_or_a_counted_drop(tiny_tokenizer):
-    long_prompt = [msg(USER, "word " * 200), msg(ASSISTANT, "ok")]
-    rows = [{"messages": long_prompt, "source": "f.jsonl:7"}]
+def test_empty_mask_is_an_error_or_a_counted_drop(tiny_tokenizer, monkeypatch):
+    # A template that renders no assistant text leaves nothing to train on, whatever the length.
+    monkeypatch.setattr(
+        tiny_tokenizer,
+        "chat_template",
+        "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}",
+    )
+    rows = [{"messages": [msg(USER, "hi"), msg(ASSISTANT, "ok")], "source": "f.jsonl:7"}]
     with pytest.raises(DataError, match="f.jsonl:7: messages: no trainable"):
-        data.tokenize_demonstrations(tiny_tokenizer, rows, 32, "truncate", "error", data.Report())
+        data.tokenize_demonstrations(tiny_tokenizer, rows, None, "truncate", "error", data.Report())
     report = data.Report()
-    assert data.tokenize_demonstrations(tiny_tokenizer, rows, 32, "truncate", "drop", report) == []
+    assert data.tokenize_demonstrations(tiny_tokenizer, rows, None, "truncate", "drop", report) == []
     assert report.drops == {"no trainable (assistant) tokens": 1}
+
+
+def test_a_first_user_turn_longer_than_max_length_is_over_length_not_an_empty_mask(tiny_tokenizer):
+    # With the defaults (truncate, on_empty_mask: error) such a row must not block the dataset: truncating it
+    # leaves no answer, so it is dropped and counted as over-length.
+    rows = [
+        {"messages": [msg(USER, "word " * 200), msg(ASSISTANT, "ok")], "source": "f.jsonl:7"},
+        {"messages": [msg(USER, "hi"), msg(ASSISTANT, "ok")], "source": "f.jsonl:8"},
+    ]
+    for overflow in ("truncate", "drop"):
+        report = data.Report()
+        kept = data.tokenize_demonstrations(tiny_tokenizer, rows, 32, overflow, "error", report)
+        assert len(kept) == 1 and report.drops == {"over max_length": 1} and report.truncated == 0
 
 
 def test_over_length_is_truncated_or_dropped_and_counted(tiny_tokenizer):

@@ -6,7 +6,7 @@ not per stage:
 
 - demonstrations: ``{"messages": [...]}``
 - preferences:    ``{"prompt": [...], "chosen": [...], "rejected": [...], "group": int, "margin": float | None}``
-- prompts:        ``{"prompt": [...], "category": str | None, **extra}``
+- prompts:        ``{"prompt": [...], "category": one of PROMPT_CLASSES | None, **extra}``
 
 Messages are ``{"role": "system" | "user" | "assistant", "content": str}``. Validation collects every problem as
 ``PATH:LINE: what is wrong (field, expected, found)`` before any model is loaded; callers raise `DataError`.
@@ -37,6 +37,7 @@ from rlhf.data.rows import (
     IDENTICAL,
     LOADERS,
     MESSAGE_FIELDS,
+    PROMPT_CLASSES,
     ROLES,
     RowError,
     check_degenerate,
@@ -98,6 +99,7 @@ __all__ = [
     "preferences_from_row",
     "Problem",
     "problem_at",
+    "PROMPT_CLASSES",
     "prompt_from_row",
     "read_records",
     "Record",

@@ -52,9 +52,14 @@ def tokenize_demonstration(tokenizer, messages: list[dict[str, str]], max_length
     if max_length is not None and len(ids) > max_length:
         if overflow == "drop":
             return None, "over max_length"
+        trainable = any(label != -100 for label in labels)
         ids, labels = ids[:max_length], labels[:max_length]
         if any(label != -100 for label in labels):
             return {"input_ids": ids, "labels": labels}, "truncated"
+        if trainable:
+            # The cut falls before the first answer (a long first user turn): the row is over-length, not
+            # unmasked, and truncating it leaves nothing to train on, so it is dropped and counted as such.
+            return None, "over max_length"
     if all(label == -100 for label in labels):
         return None, "no trainable (assistant) tokens"
     return {"input_ids": ids, "labels": labels}, None

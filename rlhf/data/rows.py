@@ -3,6 +3,8 @@ the loaders and the held-out splits."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from typing import Any
 
@@ -15,6 +17,10 @@ from rlhf.data.sources import (
     problem_at,
     read_records,
 )
+
+# Prompt categories, checked here before any model loads. Defined in the data module because `rlhf.safety` reads
+# its data through this one: importing the safety package from here would be an import cycle.
+PROMPT_CLASSES = ("allowed", "sensitive", "disallowed")
 
 # Field mapping: raw row -> messages
 
@@ -69,6 +75,26 @@ def _as_messages(value: Any, field_name: str, role: str) -> list[dict[str, str]]
     return check_messages(value, field_name)
 
 
+def _ends_with_generation_cue(prompt: Any) -> bool:
+    """HH text ending in an empty 'Assistant:' turn ("\\n\\nHuman: ...\\n\\nAssistant:", as in Dahoas rm-static):
+    the cue for the answer that follows, not an answer of its own."""
+    return is_hh_transcript(prompt) and HH_CUE.search(prompt) is not None
+
+
+def _prompt_messages(value: Any, field_name: str) -> list[dict[str, str]]:
+    """A prompt field as messages, without the generation cue an HH-style prompt ends with."""
+    messages = _as_messages(value, field_name, "user")
+    return messages[:-1] if _ends_with_generation_cue(value) else messages
+
+
+def _answer_messages(value: Any, field_name: str, prompt: Any) -> list[dict[str, str]]:
+    """An answer field as messages. After a prompt ending in the generation cue, a string answer continues that
+    transcript (" Mix flour...") and is stripped as the transcript's own turns are."""
+    if _ends_with_generation_cue(prompt) and isinstance(value, str) and not is_hh_transcript(value):
+        value = value.strip()
+    return _as_messages(value, field_name, "assistant")
+
+
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -84,8 +110,8 @@ def demonstration_from_row(row: dict[str, Any]) -> dict[str, Any]:
     if "messages" in row:
         messages = check_messages(row["messages"], "messages")
     elif "prompt" in row and "completion" in row:
-        messages = _as_messages(row["prompt"], "prompt", "user") + _as_messages(
-            row["completion"], "completion", "assistant"
+        messages = _prompt_messages(row["prompt"], "prompt") + _answer_messages(
+            row["completion"], "completion", row["prompt"]
         )
     elif "instruction" in row:
         instruction = row["instruction"]
@@ -132,6 +158,8 @@ def split_shared_prefix(
 
 
 def _check_prompt(prompt: list[dict], field_name: str) -> list[dict]:
+    if not prompt:  # HH text holding only the 'Assistant:' cue
+        raise RowError(f"{field_name}: expected a conversation ending on a user turn, found no turns")
     if prompt[-1]["role"] != "user":
         raise RowError(
             f"{field_name}: expected the conversation to end on a user turn, found {prompt[-1]['role']!r}"
@@ -148,27 +176,53 @@ def _check_completion(messages: list[dict], field_name: str) -> list[dict]:
 
 
 def _margin(row: dict[str, Any]) -> float | None:
-    if row.get("margin") is None:
+    """A finite real number, or None. Not a bool (an int in Python) nor a string that spells a number: JSON has
+    numbers, and CSV cells are converted by `_from_text_cells`."""
+    margin = row.get("margin")
+    if margin is None:
         return None
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise RowError(f"margin: expected a finite number, found {_kind(margin)} {margin!r}")
     try:
-        value = float(row["margin"])
-    except (TypeError, ValueError):
-        raise RowError(f"margin: expected a number, found {row['margin']!r}") from None
-    if value != value:
-        raise RowError("margin: expected a number, found NaN")
+        value = float(margin)
+    except OverflowError:
+        raise RowError("margin: expected a finite number, found an integer beyond the float range") from None
+    if not math.isfinite(value):  # JSON's Infinity and NaN, or a literal like 1e400 that overflows to inf
+        raise RowError(f"margin: expected a finite number, found {value}")
     return value
+
+
+def _from_text_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row, whose cells are all text: an empty optional cell (`margin`, `category`) is a missing value, and
+    a margin is a number written out. Other cells stay as written: an empty answer cell is an empty answer."""
+    out = {
+        name: None if name in OPTIONAL_FIELDS and (cell is None or not cell.strip()) else cell
+        for name, cell in row.items()
+    }
+    if out.get("margin") is not None:
+        try:
+            out["margin"] = float(out["margin"])
+        except ValueError:
+            pass  # `_margin` reports the text as found
+    return out
 
 
 def preferences_from_row(row: dict[str, Any]) -> list[dict[str, Any]]:
     """Explicit pair, implicit-prompt pair (HH-RLHF included) or K-way ranking -> list of pairs (group set later)."""
     margin = _margin(row)
-    if "responses" in row:
+    # A null field is an absent one: a Parquet or hub dataset mixing pairs and rankings has every column.
+    if row.get("responses") is not None:
+        both = [name for name in ("chosen", "rejected") if row.get(name) is not None]
+        if both:
+            raise RowError(
+                f"responses: a ranking ('responses') and a pair ({'/'.join(both)}) in one row; give one of them"
+            )
         return _ranking_pairs(row, margin)
     chosen_raw, rejected_raw = _require(row, "chosen"), _require(row, "rejected")
     if "prompt" in row and row["prompt"] is not None:
-        prompt = _check_prompt(_as_messages(row["prompt"], "prompt", "user"), "prompt")
-        chosen = _check_completion(_as_messages(chosen_raw, "chosen", "assistant"), "chosen")
-        rejected = _check_completion(_as_messages(rejected_raw, "rejected", "assistant"), "rejected")
+        prompt = _check_prompt(_prompt_messages(row["prompt"], "prompt"), "prompt")
+        chosen = _check_completion(_answer_messages(chosen_raw, "chosen", row["prompt"]), "chosen")
+        rejected = _check_completion(_answer_messages(rejected_raw, "rejected", row["prompt"]), "rejected")
     else:
         full_chosen = _as_messages(chosen_raw, "chosen", "assistant")
         full_rejected = _as_messages(rejected_raw, "rejected", "assistant")
@@ -179,11 +233,15 @@ def preferences_from_row(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _ranking_pairs(row: dict[str, Any], margin: float | None) -> list[dict[str, Any]]:
     """InstructGPT K-way ranking: K answers best-to-worst -> all K(K-1)/2 (better, worse) pairs."""
-    prompt = _check_prompt(_as_messages(_require(row, "prompt"), "prompt", "user"), "prompt")
+    prompt = _check_prompt(_prompt_messages(_require(row, "prompt"), "prompt"), "prompt")
     responses = row["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise RowError(f"responses: expected a list of at least 2 answers, found {_kind(responses)}")
-    answers = [_as_messages(r, f"responses[{i}]", "assistant") for i, r in enumerate(responses)]
+    # Each answer is checked as a pair's answer is: it starts with an assistant turn.
+    answers = [
+        _check_completion(_answer_messages(r, f"responses[{i}]", row["prompt"]), f"responses[{i}]")
+        for i, r in enumerate(responses)
+    ]
     ranking = row.get("ranking")
     if ranking is None:
         ranking = list(range(len(answers)))
@@ -209,16 +267,24 @@ def _ranking_pairs(row: dict[str, Any], margin: float | None) -> list[dict[str, 
     return pairs
 
 
-def prompt_from_row(row: dict[str, Any]) -> dict[str, Any]:
-    """`prompt` (string or messages) or `messages` ending on a user turn; `category` and extra columns kept."""
+def prompt_from_row(
+    row: dict[str, Any], categories: tuple[str, ...] | None = PROMPT_CLASSES
+) -> dict[str, Any]:
+    """`prompt` (string or messages) or `messages` ending on a user turn; `category` and extra columns kept.
+
+    `category` is one of `categories` (PPO and evaluation hand it to the safety reward as the prompt's class), or
+    with `categories=None` any string (a label rows are filtered by).
+    """
     if "prompt" in row and row["prompt"] is not None:
-        prompt = _as_messages(row["prompt"], "prompt", "user")
+        prompt = _prompt_messages(row["prompt"], "prompt")
         key = "prompt"
     elif "messages" in row:
         prompt, key = check_messages(row["messages"], "messages"), "messages"
     else:
         raise RowError(f"prompt: missing required field (found keys {sorted(row)})")
-    category = row.get("category")
+    category = row.get("category")  # None: no category, so PPO and evaluation classify the prompt
+    if category is not None and categories is not None and category not in categories:
+        raise RowError(f"category: expected one of {'/'.join(categories)} or null, found {category!r}")
     if category is not None and not isinstance(category, str):
         raise RowError(f"category: expected a string, found {_kind(category)}")
     if isinstance(row.get(key), str) and not row[key].strip():
@@ -232,8 +298,8 @@ def prompt_from_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def scored_answers_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """A prompt with the answers a reward model scores: `response` (a string) or `responses` (a list of them),
-    returned as `responses`."""
-    example = prompt_from_row(row)
+    returned as `responses`. The reward model does not read `category`: here it is any label to filter by."""
+    example = prompt_from_row(row, categories=None)
     if row.get("responses") is not None:
         answers = row["responses"]
         if not isinstance(answers, list) or not answers:
@@ -248,11 +314,15 @@ def scored_answers_from_row(row: dict[str, Any]) -> dict[str, Any]:
         raise RowError(f"response: expected a string, found {_kind(row['response'])}")
     else:
         answers = [row["response"]]
+    if _ends_with_generation_cue(row.get("prompt")):  # read as a pair's answers are
+        answers = [answer.strip() for answer in answers]
     return {**example, "responses": answers}
 
 
 ROLES = ("system", "user", "assistant")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+HH_CUE = re.compile(r"\n\nAssistant:\s*\Z")  # a transcript ending in an empty assistant turn
+OPTIONAL_FIELDS = ("margin", "category")  # an empty CSV cell in these columns means "not given"
 DEGENERATE_POLICIES = ("drop", "error")
 IDENTICAL = "identical answers"  # drop reason: a pair (or two ranked answers) with the same text
 MESSAGE_FIELDS = ("messages", "prompt", "chosen", "rejected")
@@ -305,7 +375,7 @@ def _load(
         for record in read_records(path, report.problems):
             report.rows += 1
             try:
-                rows = to_rows(record.row)
+                rows = to_rows(record.row if record.typed else _from_text_cells(record.row))
                 if on_degenerate is not None:
                     check_degenerate(rows)
             except DegenerateRow as err:

@@ -3,17 +3,21 @@ the problem and report types every loader shares."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # matched case-insensitively
+CSV_CELL_LIMIT = 2**31 - 1  # characters; the largest the csv module accepts on every platform
+SURROGATE = re.compile("[\ud800-\udfff]")  # in a decoded str only as half of a pair JSON escaped alone
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -56,11 +60,15 @@ class DataError(Exception):
 
 @dataclass
 class Record:
-    """One raw row and where it came from (line is 1-based; CSV counts the header, Parquet/hub rows count from 1)."""
+    """One raw row and where it came from (line is 1-based; CSV counts the header, Parquet/hub rows count from 1).
+
+    `typed` is False for CSV rows: every cell is text, so the loader decides what an empty or numeric cell means.
+    """
 
     path: str
     line: int
     row: dict[str, Any]
+    typed: bool = True
 
 
 @dataclass
@@ -113,7 +121,9 @@ def expand_sources(sources: str | list[str]) -> list[str]:
     for source in [sources] if isinstance(sources, str) else sources:
         if os.path.isdir(source):
             out.extend(
-                str(p) for p in sorted(Path(source).rglob("*")) if p.is_file() and p.suffix in FILE_SUFFIXES
+                str(p)
+                for p in sorted(Path(source).rglob("*"))
+                if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
             )
         else:
             out.append(source)
@@ -123,13 +133,27 @@ def expand_sources(sources: str | list[str]) -> list[str]:
 def looks_like_hub_name(source: str) -> bool:
     return (
         not os.path.exists(source)
-        and not source.endswith(FILE_SUFFIXES)
+        and not source.lower().endswith(FILE_SUFFIXES)
         and not source.startswith((".", "/"))
     )
 
 
 def read_records(source: str, problems: list[Problem]) -> Iterator[Record]:
-    """Yield the rows of one file (or hub dataset); append read errors (bad JSON, bad bytes) to `problems`."""
+    """Yield the rows of one file (or hub dataset); append read errors (bad JSON, bad bytes) to `problems`.
+
+    A source that holds no rows (`[]`, a CSV header alone, blank lines) is an error, as an empty file is: a
+    wrong or truncated file should not train on nothing, or on the other sources alone, without a word.
+    """
+    known = len(problems)
+    found = 0
+    for record in _read_source(source, problems):
+        found += 1
+        yield record
+    if not found and len(problems) == known:
+        problems.append(Problem(source, 1, "empty file (no records)"))
+
+
+def _read_source(source: str, problems: list[Problem]) -> Iterator[Record]:
     if looks_like_hub_name(source):
         yield from _read_hub(source, problems)
         return
@@ -138,47 +162,120 @@ def read_records(source: str, problems: list[Problem]) -> Iterator[Record]:
         return
     data = Path(source).read_bytes()
     if not data.strip():
-        problems.append(Problem(source, 1, "empty file (no records)"))
-        return
-    suffix = Path(source).suffix
+        return  # `read_records` reports the empty file
+    suffix = Path(source).suffix.lower()
     if suffix == ".parquet":
-        yield from _read_parquet(source)
+        yield from _read_parquet(source, problems)
         return
     text = _decode(source, data, problems)
     if text is None:
         return
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        for row in reader:
-            yield Record(source, reader.line_num, dict(row))
-    elif suffix == ".json" or text.lstrip().startswith("["):
+        yield from _read_csv(source, text, problems)
+    # A .jsonl file is read line by line even when a line holds a list; other names are sniffed.
+    elif suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("[")):
         yield from _read_json_array(source, text, problems)
     else:
         yield from _read_jsonl(source, text, problems)
 
 
 def _decode(path: str, data: bytes, problems: list[Problem]) -> str | None:
+    """UTF-8 text without its byte-order mark (editors on Windows write one; it is not part of the first row)."""
+    body = data.removeprefix(codecs.BOM_UTF8)
     try:
-        return data.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
+        offset = len(data) - len(body) + err.start
+        line = data[:offset].count(b"\n") + 1
         problems.append(
-            Problem(path, line, f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})")
+            Problem(path, line, f"not valid UTF-8 (byte 0x{data[offset]:02x} at offset {offset})")
         )
         return None
 
 
+def _read_csv(path: str, text: str, problems: list[Problem]) -> Iterator[Record]:
+    # A long transcript is one cell: the csv module's default limit (128 KiB per cell) would refuse it.
+    csv.field_size_limit(CSV_CELL_LIMIT)
+    reader = csv.DictReader(io.StringIO(text))
+    try:
+        for row in reader:
+            if None in row:  # DictReader keeps the cells past the header under the key None
+                found, named = len(reader.fieldnames) + len(row[None]), len(reader.fieldnames)
+                problems.append(
+                    Problem(path, reader.line_num, f"{found} cells, but the header names {named} columns")
+                )
+                continue
+            yield Record(path, reader.line_num, dict(row), typed=False)
+    except csv.Error as err:
+        problems.append(Problem(path, reader.line_num, f"malformed CSV ({err})"))
+
+
+class JSONProblem(ValueError):
+    """Why a text is not readable JSON, and the line of that text where reading stopped."""
+
+    def __init__(self, message: str, line: int = 1):
+        super().__init__(message)
+        self.line = line
+
+
+def _parse_json(text: str) -> Any:
+    """`json.loads`, with every way a parse can fail (not only bad syntax) raised as a `JSONProblem`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise JSONProblem(f"malformed JSON ({err.msg} at column {err.colno})", err.lineno) from None
+    except RecursionError:
+        raise JSONProblem("malformed JSON (nested too deeply to read)") from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise JSONProblem(f"malformed JSON ({str(err).partition(':')[0]})") from None
+
+
+def _lone_surrogate_field(row: dict[str, Any]) -> str | None:
+    """The field holding a lone UTF-16 surrogate (JSON's "\\ud83d" without its pair), if any.
+
+    JSON allows the escape, but the string is not text: printing or tokenising it fails later, far from the data.
+    """
+    pending: list[tuple[str, Any]] = [("", row)]  # a loop, not recursion: a row may nest deeply
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            if SURROGATE.search(value):
+                return where
+        elif isinstance(value, dict):
+            if any(SURROGATE.search(key) for key in value):
+                return f"{where or 'row'} (a key)"
+            pending.extend(
+                (f"{where}.{key}" if where else key, item) for key, item in reversed(value.items())
+            )
+        elif isinstance(value, list):
+            pending.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _check_json_row(row: Any) -> str | None:
+    """Why a parsed JSON value cannot be a row, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, found {type(row).__name__}"
+    where = _lone_surrogate_field(row)
+    if where is not None:
+        return f"{where}: a lone UTF-16 surrogate (\\ud800-\\udfff without its pair) is not text"
+    return None
+
+
 def _read_jsonl(path: str, text: str, problems: list[Problem]) -> Iterator[Record]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a record: str.splitlines() also splits on U+2028, U+0085 and others, which JSON strings
+    # may hold raw. A "\r" before it (CRLF) is JSON whitespace.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(Problem(path, number, f"malformed JSON ({err.msg} at column {err.colno})"))
+            row = _parse_json(line)
+        except JSONProblem as err:
+            problems.append(Problem(path, number, str(err)))
             continue
-        if not isinstance(row, dict):
-            problems.append(Problem(path, number, f"expected a JSON object, found {type(row).__name__}"))
+        wrong = _check_json_row(row)
+        if wrong is not None:
+            problems.append(Problem(path, number, wrong))
             continue
         yield Record(path, number, row)
 
@@ -186,9 +283,9 @@ def _read_jsonl(path: str, text: str, problems: list[Problem]) -> Iterator[Recor
 def _read_json_array(path: str, text: str, problems: list[Problem]) -> Iterator[Record]:
     """A JSON file holding a list of objects (or {"data": [...]}); line numbers point at each object's start."""
     try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        problems.append(Problem(path, err.lineno, f"malformed JSON ({err.msg} at column {err.colno})"))
+        parsed = _parse_json(text)
+    except JSONProblem as err:
+        problems.append(Problem(path, err.line, str(err)))
         return
     if isinstance(parsed, dict) and isinstance(parsed.get("data"), list):
         parsed = parsed["data"]
@@ -203,8 +300,9 @@ def _read_json_array(path: str, text: str, problems: list[Problem]) -> Iterator[
         lines.append(text.count("\n", 0, position) + 1)
         _, position = decoder.raw_decode(text, position)
     for row, line in zip(parsed, lines, strict=True):
-        if not isinstance(row, dict):
-            problems.append(Problem(path, line, f"expected a JSON object, found {type(row).__name__}"))
+        wrong = _check_json_row(row)
+        if wrong is not None:
+            problems.append(Problem(path, line, wrong))
             continue
         yield Record(path, line, row)
 
@@ -229,10 +327,16 @@ def _list_start(text: str) -> int:
         _, position = decoder.raw_decode(text, position)
 
 
-def _read_parquet(path: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq  # datasets depends on pyarrow
+def _read_parquet(path: str, problems: list[Problem]) -> Iterator[Record]:
+    import pyarrow as pa  # datasets depends on pyarrow
+    import pyarrow.parquet as pq
 
-    for index, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except pa.ArrowException as err:  # not Parquet, truncated, corrupt
+        problems.append(Problem(path, 0, f"not a readable Parquet file ({err})"))
+        return
+    for index, row in enumerate(rows, start=1):
         yield Record(path, index, row)
 
 
