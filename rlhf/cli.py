@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from rlhf.config import ConfigError, redact
@@ -43,10 +44,23 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 def output_file(text: str) -> str:
-    """An argparse type: a file to write the results to (its directory is made when written). A directory is
-    refused now, not after the work whose results it was to hold."""
-    if os.path.isdir(text):
+    """An argparse type: a file to write the results to, checked now, not after the work whose results it was to
+    hold. Missing directories are fine (made when it is written, below the nearest existing one, which must be a
+    writable directory); a directory, or an existing file that cannot be written, is refused."""
+    path = Path(text)
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} is not writable")
+        return text
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"directory {parent} is not writable")
     return text
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -13,6 +15,7 @@ from safety_support import (  # noqa: E402
     COMPLETIONS,
     CONFIGS,
     PROMPTS,
+    RUBRIC,
 )
 
 from rlhf.safety import (
@@ -85,6 +88,53 @@ def test_cli_malformed_examples_file_exits_2_with_path_line(tmp_path, capsys):
     assert cli(["classify", "--config", str(config), str(PROMPTS)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'examples.jsonl'}:2: malformed JSON" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (".", "is a directory"),
+        ("a_file/pred.jsonl", "a_file is not a directory"),
+        ("a_file/deeper/pred.jsonl", "a_file is not a directory"),
+    ],
+)
+def test_cli_unwritable_out_exits_2_before_classifying(tmp_path, capsys, monkeypatch, out, message):
+    """--out is checked with the other inputs: a path that cannot be written stops before the model loads."""
+    safety_cli = importlib.import_module("rlhf.safety.cli")  # the package's `cli` attribute is the function
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("the classifier was built before --out was checked")
+
+    monkeypatch.setattr(safety_cli, "build_classifier", forbidden)
+    (tmp_path / "a_file").write_text("")
+    out_path = tmp_path / out
+    assert (
+        cli(["classify", "--config", str(CONFIGS / "rules.yaml"), str(PROMPTS), "--out", str(out_path)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "--out" in err and message in err and "Traceback" not in err
+
+
+def test_cli_out_in_a_new_directory_is_created(tmp_path):
+    out = tmp_path / "new" / "dir" / "pred.jsonl"
+    assert cli(["classify", "--config", str(CONFIGS / "rules.yaml"), str(PROMPTS), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == len(read_labelled(PROMPTS)[1])
+
+
+def test_cli_rubric_of_the_wrong_shape_exits_2(tmp_path, capsys):
+    """`rules: null` in the rubric: exit 2 naming the file and key path, not a TypeError traceback."""
+    doc = yaml.safe_load(RUBRIC.read_text())
+    doc["prompt"]["classes"]["disallowed"]["rules"] = None
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(yaml.safe_dump(doc))
+    config = tmp_path / "c.yaml"
+    config.write_text("classifier: rules\nrubric_path: rubric.yaml\n")
+    assert cli(["classify", "--config", str(config), str(PROMPTS)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{rubric}: prompt.classes.disallowed.rules: expected a list of rules, found null" in err
+        and "Traceback" not in err
+    )
 
 
 def test_classification_report_counts_by_hand():

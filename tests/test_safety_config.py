@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -96,6 +97,124 @@ def test_rubric_problems_are_config_errors_naming_the_file(tmp_path):
         rubric.write_text(yaml.safe_dump(doc))
         with pytest.raises(ConfigError, match=f"{rubric}: {match}"):
             load_rubric(rubric)
+
+
+def _set(doc: dict, key_path: str, value) -> None:
+    """doc["a"]["b"][0]["c"] = value for key_path "a.b.0.c" (a number indexes a list)."""
+    *parents, last = key_path.split(".")
+    for key in parents:
+        doc = doc[int(key)] if isinstance(doc, list) else doc[key]
+    doc[int(last) if isinstance(doc, list) else last] = value
+
+
+RULE0 = "prompt.classes.disallowed.rules.0"
+
+
+@pytest.mark.parametrize(
+    "key_path, value, message",
+    [
+        ("prompt.default", ["allowed"], "prompt.default must be one of .*, found ['allowed']"),
+        (
+            "prompt.classes.disallowed.rules",
+            None,
+            "prompt.classes.disallowed.rules: expected a list of rules, found null",
+        ),
+        (
+            "prompt.classes.disallowed.rules",
+            5,
+            "prompt.classes.disallowed.rules: expected a list of rules, found 5",
+        ),
+        (
+            f"{RULE0}.all",
+            [],
+            "prompt.classes.disallowed.rules[0].all (.*): no regex, so the rule would fire on every",
+        ),
+        (
+            f"{RULE0}.all",
+            "abc",
+            "prompt.classes.disallowed.rules[0].all (.*): expected a list of regex strings",
+        ),
+        (
+            f"{RULE0}.unless",
+            [""],
+            "prompt.classes.disallowed.rules[0].unless (.*): an empty regex matches every",
+        ),
+        (
+            f"{RULE0}.name",
+            [1],
+            "prompt.classes.disallowed.rules[0].name: expected a non-empty string, found [1]",
+        ),
+        (f"{RULE0}", "a rule", "prompt.classes.disallowed.rules[0]: expected a mapping, found 'a rule'"),
+        ("prompt.order", ["disallowed", "disallowed"], "prompt.order names a class twice"),
+        ("descriptions.allowed", 5, "descriptions.allowed: expected a non-empty string, found 5"),
+        ("judge.prompt_question", None, "judge.prompt_question: expected a non-empty string, found null"),
+        (
+            "completion.refusal_markers",
+            [],
+            "completion.refusal_markers: no regex, so no completion would ever be",
+        ),
+        (
+            "completion.help_markers",
+            None,
+            "completion.help_markers: expected a list of regex strings, found null",
+        ),
+    ],
+)
+def test_rubric_shape_problems_name_the_file_and_key_path(tmp_path, key_path, value, message):
+    """A wrong shape anywhere in the rubric is a ConfigError naming FILE: KEY.PATH, never a TypeError; an empty
+    rule is one too (it would fire on every prompt)."""
+    doc = yaml.safe_load(RUBRIC.read_text())
+    _set(doc, key_path, value)
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(yaml.safe_dump(doc))
+    pattern = re.escape(f"{rubric}: {message}").replace(re.escape(".*"), ".*")
+    with pytest.raises(ConfigError, match=pattern):
+        load_rubric(rubric)
+
+
+def test_an_empty_rubric_is_a_config_error(tmp_path):
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{rubric}: expected a mapping, found null")):
+        load_rubric(rubric)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rubric_path: 5\n", "rubric_path must be a path, got 5"),
+        ("rubric_path: nope.yaml\n", "rubric_path: nope.yaml: no such file"),
+        ("rubric_path: /\n", "rubric_path: /: is a directory, not a file"),
+        (
+            "classifier: zero-shot-nli\nmodel_name_or_path: 5\n",
+            "model_name_or_path must be a local path or a hub",
+        ),
+        (
+            "classifier: embedding\nmodel_name_or_path: ''\n",
+            "model_name_or_path must be a local path or a hub",
+        ),
+        (
+            "classifier: embedding\nexamples_path: nonexist.jsonl\n",
+            "examples_path: nonexist.jsonl: no such file",
+        ),
+        (
+            "classifier: embedding\nexamples_path: [ok.jsonl, gone.jsonl]\n",
+            "examples_path: gone.jsonl: no such",
+        ),
+        ("classifier: embedding\nexamples_path: ['']\n", "examples_path must be a path or a list of paths"),
+        ("batch_size: true\n", "batch_size must be a positive integer, got True"),
+        ("5: x\nfoo: 1\n", "unknown safety config keys: 5, foo"),
+    ],
+)
+def test_config_field_problems_name_the_file_and_field(tmp_path, monkeypatch, text, message):
+    """Wrong types and missing files: FILE: FIELD ..., a ConfigError (exit 2) before any file is read or model
+    loads, not a TypeError, an AttributeError or a data error at line 0 of the missing file."""
+    monkeypatch.chdir(tmp_path)  # relative paths that do not exist stay as written
+    (tmp_path / "ok.jsonl").write_text('{"text": "I cannot help.", "label": "ideal_refusal"}\n')
+    path = tmp_path / "safety.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        SafetyConfig.from_yaml(path)
 
 
 @pytest.mark.parametrize(

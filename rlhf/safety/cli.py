@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf.cli import output_file
 from rlhf.config import ConfigError
 from rlhf.data import DataError
 from rlhf.models import ModelLoadError
@@ -84,7 +85,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "data", help="JSONL: {prompt, category?} rows or {prompt, completion, label?, category?} rows"
     )
-    p.add_argument("--out", help="write the rows with predictions to this JSONL file")
+    p.add_argument("--out", type=output_file, help="write the rows with predictions to this JSONL file")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -120,9 +121,13 @@ def cli(argv: list[str]) -> int:
         else:
             print(format_report(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        except OSError as exc:  # what `output_file` cannot foresee (a full disk, a read-only mount)
+            print(f"error: --out {args.out}: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {args.out}")
     return 0
 

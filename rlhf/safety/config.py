@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from typing import Any
 import yaml
 
 from rlhf.config import ConfigError
+from rlhf.data import PROMPT_CLASSES  # the prompt file's `category` values: one list for data and rubric
 
-PROMPT_CLASSES = ("allowed", "sensitive", "disallowed")
 COMPLETION_CLASSES = ("ideal_refusal", "undesired_refusal", "disallowed_content", "compliance")
 REFUSAL_CLASSES = ("ideal_refusal", "undesired_refusal")
 HELP_CLASSES = ("disallowed_content", "compliance")
@@ -120,7 +121,8 @@ class SafetyConfig:
             raise ConfigError(f"classifier must be one of {CLASSIFIER_KINDS}, got {self.classifier!r}")
         if self.classifier in ("zero-shot-nli", "llm-judge") and not self.model_name_or_path:
             raise ConfigError(f"classifier {self.classifier!r} needs model_name_or_path")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        self._check_paths()
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
@@ -158,12 +160,29 @@ class SafetyConfig:
                 raise ConfigError(f"class_margins: unknown class {label!r}")
             if not _is_number(value):
                 raise ConfigError(f"class_margins[{label!r}] must be a finite number")
-        if self.examples_path is not None and not (
-            isinstance(self.examples_path, str)
-            or (isinstance(self.examples_path, list) and all(isinstance(p, str) for p in self.examples_path))
-        ):
-            raise ConfigError("examples_path must be a path or a list of paths")
         self.reward_table = _merge_reward_table(self.reward_table)
+
+    def _check_paths(self) -> None:
+        """The path fields are strings and the rubric and example files exist. A model may be a hub name, so
+        `read_classifier_files` checks it, before it loads."""
+        if self.model_name_or_path is not None and not _is_text(self.model_name_or_path):
+            raise ConfigError(
+                f"model_name_or_path must be a local path or a hub name, got {self.model_name_or_path!r}"
+            )
+        if not _is_text(self.rubric_path):
+            raise ConfigError(f"rubric_path must be a path, got {self.rubric_path!r}")
+        if self.examples_path is not None and not (
+            _is_text(self.examples_path)
+            or (isinstance(self.examples_path, list) and all(_is_text(p) for p in self.examples_path))
+        ):
+            raise ConfigError(f"examples_path must be a path or a list of paths, got {self.examples_path!r}")
+        # Checked here, not when the file is read, so the error names this config and the field.
+        for name, paths in (("rubric_path", [self.rubric_path]), ("examples_path", self.examples_paths)):
+            for path in paths:
+                if not os.path.exists(path):
+                    raise ConfigError(f"{name}: {path}: no such file")
+                if os.path.isdir(path):
+                    raise ConfigError(f"{name}: {path}: is a directory, not a file")
 
     @property
     def examples_paths(self) -> list[str]:
@@ -175,7 +194,7 @@ class SafetyConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: Path | None = None) -> SafetyConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(map(str, set(values) - names))  # str: a YAML key may be a number
         if unknown:
             raise ConfigError(f"unknown safety config keys: {', '.join(unknown)}")
         values = dict(values)
@@ -183,7 +202,7 @@ class SafetyConfig:
 
             def resolve(path: Any) -> Any:
                 # Hub names ("facebook/bart-large-mnli") are left alone: only existing relative paths move.
-                if isinstance(path, str) and not Path(path).is_absolute() and (base_dir / path).exists():
+                if _is_text(path) and not Path(path).is_absolute() and (base_dir / path).exists():
                     return str(base_dir / path)
                 return path
 
@@ -215,6 +234,11 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise ConfigError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML ({err})") from None
+
+
+def _is_text(value: Any) -> bool:
+    """A non-empty string (an empty path would name the working directory)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _is_number(value: Any) -> bool:
