@@ -25,6 +25,8 @@ from typing import Any
 from rlhf.config import redact
 
 COMMIT_MARKER = "COMMITTED"
+# Siblings `atomic_directory` makes while it saves `<name>`: `<WRITING><name>-<pid>`, `<REPLACED><name>-<pid>`.
+WRITING, REPLACED = ".tmp-", ".old-"
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"^(checkpoint|step)-(\d+)$")
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     directories on the way are made."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
+    with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(redact(text))
         handle.flush()
         os.fsync(handle.fileno())
@@ -89,13 +91,13 @@ def is_committed(path: str | Path) -> bool:
 def atomic_directory(final: str | Path):
     """Yield a temporary directory; on success mark it committed and rename it to `final`."""
     final = Path(final)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp = final.with_name(f"{WRITING}{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
     mark_committed(tmp)
     if final.exists():
-        trash = final.with_name(f".old-{final.name}-{os.getpid()}")
+        trash = final.with_name(f"{REPLACED}{final.name}-{os.getpid()}")
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
@@ -133,11 +135,19 @@ def move_aside(path: str | Path, label: str) -> Path:
 
 
 def remove_interrupted_saves(directory: Path) -> None:
-    """Delete what a crashed `atomic_directory` left: its temporary directory, or the replaced checkpoint it was
-    deleting. Neither is ever complete, and on a real model each holds gigabytes."""
-    for leftover in directory.iterdir():
-        if leftover.is_dir() and leftover.name.startswith((".tmp-", ".old-")):
+    """Clear what a crashed `atomic_directory` left (on a real model each holds gigabytes). An uncommitted copy is
+    deleted. A committed one whose checkpoint name is free goes into place: the crash came between moving the old
+    checkpoint aside and renaming the new one (the new copy is taken first, then the old). Anything else is a
+    copy its checkpoint no longer needs."""
+    leftovers = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith((WRITING, REPLACED))]
+    # The new copy first: the replaced one is only wanted if no committed new copy took its name.
+    for leftover in sorted(leftovers, key=lambda p: (not p.name.startswith(WRITING), p.name)):
+        prefix = WRITING if leftover.name.startswith(WRITING) else REPLACED
+        final = directory / leftover.name.removeprefix(prefix).rsplit("-", 1)[0]
+        if final.exists() or not is_committed(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            os.replace(leftover, final)
 
 
 def set_aside_later_checkpoints(directory: str | Path, resume: str | None) -> list[Path]:

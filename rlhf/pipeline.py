@@ -12,6 +12,7 @@ stage that runs for a reason other than an interruption starts afresh, its previ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -143,8 +144,20 @@ def finished_manifest(stage: str, output_dir: str, argv: list[str]) -> dict[str,
 
 def config_changes(stage: str, argv: list[str], recorded: dict[str, Any]) -> list[str]:
     """The fields where the config this pipeline would run differs from a recorded one."""
-    wanted = json.loads(json.dumps(config_to_dict(stage_config(stage, argv))))
-    return [k for k in wanted if k not in IGNORED_FOR_SKIP and wanted[k] != recorded.get(k)]
+    config = stage_config(stage, argv)
+    wanted = json.loads(json.dumps(config_to_dict(config)))
+
+    def same(key: str) -> bool:
+        # Outputs written before dataclass values (the Trainer's AcceleratorConfig) were recorded as mappings hold
+        # their repr: the same value, not a reason to train again.
+        value = getattr(config, key, None)
+        return (
+            wanted[key] == recorded.get(key)
+            or dataclasses.is_dataclass(value)
+            and recorded.get(key) == str(value)
+        )
+
+    return [k for k in wanted if k not in IGNORED_FOR_SKIP and not same(k)]
 
 
 def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | None) -> bool:
@@ -193,6 +206,10 @@ def is_stale(manifest: dict[str, Any], upstream: str, upstream_manifest: dict[st
     return False
 
 
+def needs_tiny_model(config: PipelineConfig) -> bool:
+    return config.init_tiny and not Path(config.base_model, "model.safetensors").exists()
+
+
 def check_inputs(config: PipelineConfig) -> None:
     """Everything the stages and the evaluation will read, read now, before the first stage runs: each stage's
     config with the pipeline's overrides, every data file, PPO's reward sources, the evaluation prompts, gold
@@ -205,7 +222,7 @@ def check_inputs(config: PipelineConfig) -> None:
 
     if not Path(config.accelerate_config).is_file():
         raise ConfigError(f"accelerate_config: {config.accelerate_config}: no such file")
-    if config.init_tiny:
+    if needs_tiny_model(config):
         missing = [c for c in config.tiny_corpus if not os.path.exists(c)]
         if missing:
             raise ConfigError(f"tiny_corpus: no such file or directory: {', '.join(missing)}")
@@ -250,7 +267,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, Any] = {}
-    if config.init_tiny and not Path(config.base_model, "model.safetensors").exists():
+    if needs_tiny_model(config):
         from rlhf.models import init_tiny
 
         init_tiny(config.base_model, corpus=config.tiny_corpus, seed=config.seed)

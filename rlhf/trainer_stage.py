@@ -75,7 +75,9 @@ class ModelFields:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
-        metadata={"help": "Modules LoRA adapts ('all-linear' for every linear)."},
+        metadata={
+            "help": "Module names LoRA adapts (one name may be given alone; 'all-linear' for every linear)."
+        },
     )
 
     def lora_settings(self) -> LoraSettings | None:

@@ -10,6 +10,8 @@ from rlhf.checkpoint import (
     atomic_directory,
     check_tokenizer_matches,
     committed_checkpoints,
+    is_committed,
+    mark_committed,
     read_manifest,
     resolve_resume,
     rotate_checkpoints,
@@ -81,6 +83,28 @@ def test_checkpoints_past_the_resume_point_are_moved_aside_never_deleted(tmp_pat
     moved = set_aside_later_checkpoints(tmp_path, None)
     assert [p.name.split(".")[0] for p in moved] == ["step-3"] and committed_checkpoints(tmp_path) == []
     assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_a_save_that_crashed_between_its_two_renames_is_put_in_place_not_deleted(tmp_path):
+    """atomic_directory commits the new copy, moves the old checkpoint aside, then renames the new one into place:
+    a crash between the renames leaves no step-3, a committed new copy and the old one."""
+    for name, text in ((".tmp-step-3-77", "new"), (".old-step-3-77", "old")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w").write_text(text)
+        mark_committed(tmp_path / name)
+    (tmp_path / ".tmp-step-4-78").mkdir()  # a save that never finished
+    (tmp_path / ".old-step-2-76").mkdir()  # its checkpoint was saved again
+    mark_committed(tmp_path / ".old-step-2-76")
+    (tmp_path / "step-2").mkdir()
+    mark_committed(tmp_path / "step-2")
+    set_aside_later_checkpoints(tmp_path, str(tmp_path / "step-3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]
+    assert (tmp_path / "step-3" / "w").read_text() == "new"
+    # Only the old copy left (the new one lost): it is the checkpoint.
+    (tmp_path / ".old-step-5-80").mkdir()
+    mark_committed(tmp_path / ".old-step-5-80")
+    set_aside_later_checkpoints(tmp_path, str(tmp_path / "step-5"))
+    assert is_committed(tmp_path / "step-5")
 
 
 def test_manifest_detects_corruption_and_missing_files(tmp_path, tiny_tokenizer):

@@ -181,3 +181,19 @@ def test_a_yaml_value_of_the_wrong_type_is_a_config_error_naming_the_field(
         path.write_text(f"train_data: [a.jsonl]\noutput_dir: out\n{extra}{line}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(config_cls, ["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "line,field,value",
+    [
+        ("resume_from_checkpoint: true", "resume_from_checkpoint", "auto"),
+        ("resume_from_checkpoint: false", "resume_from_checkpoint", None),
+        ("target_kl: 0", "target_kl", 0),  # 0 switches these off, as null does
+        ("approx_kl_stop: 0", "approx_kl_stop", 0),
+        ("reward_clip: 0", "reward_clip", 0),
+    ],
+)
+def test_ppo_values_that_ran_before_the_type_and_range_checks_still_parse(tmp_path, line, field, value):
+    path = tmp_path / "ppo.yaml"
+    path.write_text(f"policy_model: m\ntrain_data: [a.jsonl]\nreward_sources: [safety]\n{line}\n")
+    assert getattr(parse_config(PPOStageConfig, ["--config", str(path)]), field) == value

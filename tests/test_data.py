@@ -132,9 +132,9 @@ BAD_CASES = [
     ),
     (
         "pairs",
-        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1.5"}\n',
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "high"}\n',
         1,
-        "margin: expected a finite number, found str '1.5'",
+        "margin: expected a finite number, found str 'high'",
     ),
     (
         "pairs",
@@ -511,3 +511,14 @@ def test_tokenizer_without_template_gets_the_default(tiny_model_dir, tmp_path):
     tokenizer.chat_template = None
     tokenizer.save_pretrained(tmp_path)
     assert "<|user|>" in data.render_prompt(load_tokenizer(str(tmp_path)), [msg(USER, "x")])
+
+
+def test_a_margin_may_be_a_number_a_decimal_or_a_string_that_spells_one():
+    """Parquet stores decimals as Decimal (not a `numbers.Real`); some exports write numbers as strings."""
+    from decimal import Decimal
+
+    from rlhf.data.rows import preferences_from_row
+
+    for margin in (1.5, 2, Decimal("1.5"), "1.5"):
+        (pair,) = preferences_from_row({"prompt": "q", "chosen": "a", "rejected": "b", "margin": margin})
+        assert pair["margin"] == float(margin)

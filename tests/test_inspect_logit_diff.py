@@ -184,8 +184,8 @@ def test_cli_mean_ablation_reads_the_reference_prompts(tiny_model_dir, tmp_path,
 
 
 def test_cli_over_a_prompts_file_summarises_the_check(tiny_model_dir, tmp_path, capsys):
-    prompts = [{"prompt": "What is 3 + 4?", "category": "allowed"}, {"prompt": "Hi", "category": "sensitive"}]
-    prompts.append({"prompt": "What is 9 + 1?", "category": "allowed"})
+    prompts = [{"prompt": "What is 3 + 4?", "category": "x"}, {"prompt": "Hi", "category": "y"}]
+    prompts.append({"prompt": "What is 9 + 1?", "category": "x"})
     data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
     argv = [
         "inspect",
@@ -198,13 +198,13 @@ def test_cli_over_a_prompts_file_summarises_the_check(tiny_model_dir, tmp_path, 
         str(tmp_path),
     ]
     argv += ["--target", "1", "--distractor", "2"]
-    assert rlhf_main([*argv, "--category", "allowed"]) == 0
+    assert rlhf_main([*argv, "--category", "x"]) == 0
     report = json.loads((tmp_path / "logit_diff.json").read_text())
     assert [p["prompt"] for p in report["prompts"]] == ["What is 3 + 4?", "What is 9 + 1?"]
     assert report["summary"]["prompts"] == 2 and set(report["summary"]) == {"prompts", "total", "direct"}
     capsys.readouterr()
-    assert rlhf_main([*argv, "--category", "disallowed"]) == 2
-    assert "no prompt has category 'disallowed'" in capsys.readouterr().err
+    assert rlhf_main([*argv, "--category", "z"]) == 2
+    assert "no prompt has category 'z'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["not_a_model", "reward_model", "empty_prompts", "bad_unit", "unknown_unit"])

@@ -106,6 +106,19 @@ def test_a_bad_input_anywhere_is_exit_2_before_the_first_stage_runs(
     assert not (tmp_path / "run").exists()
 
 
+def test_the_shipped_demo_pipeline_config_passes_the_checks_before_its_first_stage(monkeypatch, tmp_path):
+    """Every pipeline test above writes its own configs: this one reads the shipped demo's, as scripts/demo.sh does
+    (paths relative to the repository, the tiny base model not built yet)."""
+    import rlhf.models
+    import rlhf.pipeline
+
+    monkeypatch.chdir(REPO)
+    forbid_calls(monkeypatch, rlhf.models, "init_tiny")
+    argv = ["--config", "configs/demo/pipeline.yaml", "--output_dir", str(tmp_path / "run")]
+    argv += ["--base_model", str(tmp_path / "tiny-base")]
+    rlhf.pipeline.check_inputs(parse_config(PipelineConfig, argv))
+
+
 @pytest.mark.slow
 def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, capsys, monkeypatch):
     argv = pipeline_argv(tmp_path, tiny_model_dir)
@@ -175,3 +188,18 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_model_dir, cap
     )
     run(config)
     assert launched == [("rlhf.sft", "none"), ("rlhf.reward_model", "none"), ("rlhf.ppo", "none")]
+
+
+def test_a_stage_recorded_before_dataclass_values_were_mappings_is_not_taken_as_changed(tmp_path):
+    """Outputs written by an earlier version hold the Trainer's AcceleratorConfig as its repr: same config."""
+    from rlhf.config import config_to_dict
+    from rlhf.pipeline import config_changes, stage_config
+
+    argv = ["--config", str(REPO / "configs/demo/sft.yaml")]
+    config = stage_config("sft", argv)
+    recorded = json.loads(json.dumps(config_to_dict(config)))
+    assert isinstance(recorded["accelerator_config"], dict) and config_changes("sft", argv, recorded) == []
+    recorded["accelerator_config"] = str(config.accelerator_config)
+    assert config_changes("sft", argv, recorded) == []
+    recorded["learning_rate"] = 1.0
+    assert config_changes("sft", argv, recorded) == ["learning_rate"]

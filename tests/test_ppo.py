@@ -98,29 +98,32 @@ def test_first_minibatch_is_on_policy_ratio_one_and_kl_zero(tmp_path, tiny_model
 
 
 def test_the_loss_is_normalised_by_the_token_count_of_every_rank(tmp_path, tiny_model_dir, monkeypatch):
-    """DDP and DeepSpeed average gradients over ranks, so each rank divides its token sum by all ranks' tokens over
-    their number; its own count would over-weight the tokens of a rank with short answers. A second rank holding
-    100 more tokens is stood in for through `sum_over_ranks` and the process count."""
-    from accelerate import Accelerator
-
+    """DDP and DeepSpeed average gradients over ranks, so each rank divides its token sums by the mean token count
+    over ranks; its own count would over-weight the tokens of a rank with short answers. A second rank holding
+    100 more tokens is stood in for through `mean_over_ranks`."""
     import rlhf.ppo.update as update
 
-    run = build_run(ppo_config(tmp_path, tiny_model_dir))
+    run = build_run(ppo_config(tmp_path, tiny_model_dir, entropy_coef=0.01))
     batch, _, _, _ = run.rollout({})
-    monkeypatch.setattr(update, "sum_over_ranks", lambda local: local + 100.0)
-    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
-    seen, real = [], update.ppo_policy_loss
+    monkeypatch.setattr(update, "mean_over_ranks", lambda local: (local + local + 100.0) / 2)
+    seen: dict[str, list] = {"policy": [], "value": [], "entropy": []}
 
-    def policy_loss(*args):
-        seen.append(args[-1])
-        return real(*args)
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            seen[name].append(kwargs.get("normaliser", args[-1]))
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(update, "ppo_policy_loss", policy_loss)
+        return wrapper
+
+    monkeypatch.setattr(update, "ppo_policy_loss", spy("policy", update.ppo_policy_loss))
+    monkeypatch.setattr(update, "ppo_value_loss", spy("value", update.ppo_value_loss))
+    monkeypatch.setattr(update, "masked_mean", spy("entropy", update.masked_mean))
     minibatch = torch.arange(run.config.mini_batch_size)
     run.optimizer_step(batch, minibatch)
-    local = float(batch.response_mask[minibatch].sum())
-    assert len(seen) == run.config.gradient_accumulation_steps
-    assert all(normaliser == (local + 100.0) / 2 for normaliser in seen)
+    expected = float(batch.response_mask[minibatch].sum()) + 50.0
+    for name, normalisers in seen.items():
+        assert len(normalisers) == run.config.gradient_accumulation_steps, name
+        assert all(n == expected for n in normalisers), (name, normalisers)
 
 
 @pytest.mark.parametrize(
@@ -142,8 +145,8 @@ def test_a_missing_eos_is_penalised_whatever_the_sign_of_the_penalty(
         ({"micro_batch_size": 0}, "micro_batch_size: must be above 0, found 0"),
         ({"save_every": 0}, "save_every: must be above 0"),
         ({"total_updates": 0}, "total_updates: must be above 0"),
-        ({"target_kl": -1}, "target_kl: must be above 0"),
-        ({"reward_clip": -1}, "reward_clip: must be above 0"),
+        ({"target_kl": -1}, "target_kl: must be 0 or more"),
+        ({"reward_clip": -1}, "reward_clip: must be 0 or more"),
         ({"gamma": 2}, "gamma: must be in [0, 1]"),
         ({"ema_decay": 2}, "ema_decay: must be in (0, 1)"),
         ({"kl_coef": -1}, "kl_coef: must be 0 or more"),

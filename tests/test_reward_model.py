@@ -708,19 +708,28 @@ def test_scorer_reads_an_over_long_conversation_as_the_stage_trained_on_it(train
 
 def test_scorer_reads_an_answer_cut_at_the_length_limit_without_an_end_of_turn(trained):
     """PPO and `rlhf eval` pass `finished`: an answer without EOS is scored as sampled, not closed by the chat
-    template as if it had ended (then the reward model could not tell a truncated answer from a finished one)."""
-    from rlhf.data import render_prompt
-
+    template as if it had ended (then the reward model could not tell a truncated answer from a finished one).
+    With `context_turns: 1` both read only the last user turn."""
     config, _ = trained
     scorer = RewardModelScorer(config.output_dir)
-    prompt, answer = [{"role": "user", "content": "What is 2 + 2?"}], "The answer is"
-    cut = encode_for_scoring(scorer.tokenizer, render_prompt(scorer.tokenizer, prompt) + answer)
-    closed = encode_for_scoring(
-        scorer.tokenizer, reward_text(scorer.tokenizer, prompt, [{"role": "assistant", "content": answer}])
-    )
-    assert cut != closed
+    scorer.context_turns = 1
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    answer, end = "The answer is", scorer.tokenizer.eos_token
+    texts = {
+        "cut": f"<|user|>\nWhat is 2 + 2?{end}\n<|assistant|>\nThe answer is",
+        "finished": f"<|user|>\nWhat is 2 + 2?{end}\n<|assistant|>\nThe answer is{end}",
+    }
     pad = scorer.tokenizer.pad_token_id
-    expected = torch.cat([score_ids(scorer.model, [closed], pad), score_ids(scorer.model, [cut], pad)])
+    expected = torch.cat(
+        [
+            score_ids(scorer.model, [encode_for_scoring(scorer.tokenizer, texts[k])], pad)
+            for k in ("finished", "cut")
+        ]
+    )
     scores = scorer.raw_scores([prompt, prompt], [answer, answer], finished=[True, False])
     assert torch.allclose(scores, expected) and scores[0] != scores[1]
     assert torch.allclose(scorer.raw_scores([prompt], [answer]), scores[:1])  # finished by default

@@ -3,6 +3,7 @@ the loaders and the held-out splits."""
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import re
@@ -87,12 +88,17 @@ def _prompt_messages(value: Any, field_name: str) -> list[dict[str, str]]:
     return messages[:-1] if _ends_with_generation_cue(value) else messages
 
 
+def _continuing(prompt: Any, answer: Any) -> Any:
+    """After a prompt ending in the generation cue, a string answer continues that transcript (" Mix flour...")
+    and is stripped as the transcript's own turns are."""
+    if _ends_with_generation_cue(prompt) and isinstance(answer, str) and not is_hh_transcript(answer):
+        return answer.strip()
+    return answer
+
+
 def _answer_messages(value: Any, field_name: str, prompt: Any) -> list[dict[str, str]]:
-    """An answer field as messages. After a prompt ending in the generation cue, a string answer continues that
-    transcript (" Mix flour...") and is stripped as the transcript's own turns are."""
-    if _ends_with_generation_cue(prompt) and isinstance(value, str) and not is_hh_transcript(value):
-        value = value.strip()
-    return _as_messages(value, field_name, "assistant")
+    """An answer field as messages."""
+    return _as_messages(_continuing(prompt, value), field_name, "assistant")
 
 
 def _kind(value: Any) -> str:
@@ -176,15 +182,17 @@ def _check_completion(messages: list[dict], field_name: str) -> list[dict]:
 
 
 def _margin(row: dict[str, Any]) -> float | None:
-    """A finite real number, or None. Not a bool (an int in Python) nor a string that spells a number: JSON has
-    numbers, and CSV cells are converted by `_from_text_cells`."""
+    """A finite real number (a Parquet decimal, or a string that spells one, too), or None. Not a bool: an int to
+    Python, but no margin."""
     margin = row.get("margin")
     if margin is None:
         return None
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+    if isinstance(margin, bool) or not isinstance(margin, (numbers.Real, decimal.Decimal, str)):
         raise RowError(f"margin: expected a finite number, found {_kind(margin)} {margin!r}")
     try:
         value = float(margin)
+    except ValueError:
+        raise RowError(f"margin: expected a finite number, found {_kind(margin)} {margin!r}") from None
     except OverflowError:
         raise RowError("margin: expected a finite number, found an integer beyond the float range") from None
     if not math.isfinite(value):  # JSON's Infinity and NaN, or a literal like 1e400 that overflows to inf
@@ -314,9 +322,7 @@ def scored_answers_from_row(row: dict[str, Any]) -> dict[str, Any]:
         raise RowError(f"response: expected a string, found {_kind(row['response'])}")
     else:
         answers = [row["response"]]
-    if _ends_with_generation_cue(row.get("prompt")):  # read as a pair's answers are
-        answers = [answer.strip() for answer in answers]
-    return {**example, "responses": answers}
+    return {**example, "responses": [_continuing(row.get("prompt"), answer) for answer in answers]}
 
 
 ROLES = ("system", "user", "assistant")
@@ -423,8 +429,11 @@ def load_preferences(
     return _load(sources, to_rows, on_degenerate)
 
 
-def load_prompts(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:
-    return _load(sources, lambda row: [prompt_from_row(row)], on_degenerate=None)
+def load_prompts(
+    sources: str | list[str], categories: tuple[str, ...] | None = PROMPT_CLASSES
+) -> tuple[list[dict[str, Any]], Report]:
+    """Prompt rows; `categories=None` where a category is only a label to group or filter by (`rlhf inspect`)."""
+    return _load(sources, lambda row: [prompt_from_row(row, categories)], on_degenerate=None)
 
 
 def load_scored_answers(sources: str | list[str]) -> tuple[list[dict[str, Any]], Report]:

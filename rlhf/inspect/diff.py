@@ -279,7 +279,7 @@ def load_inputs(args: argparse.Namespace):
     from rlhf.inspect import check_causal_lm, load_model
     from rlhf.inspect.neurons import read_documents
 
-    rows, _ = load_prompts(args.prompts)
+    rows, _ = load_prompts(args.prompts, categories=None)  # a category is a label to group by here
     if not rows:
         raise InspectError(f"{args.prompts}: empty prompts file (no rows)")
     rows = first_per_category(rows, args.per_category) if args.per_category else rows

@@ -380,7 +380,7 @@ def _prompts(args: argparse.Namespace) -> list[str | list[dict]]:
 def _read_prompts(path: str, category: str | None = None) -> list[list[dict]]:
     from rlhf.data import load_prompts
 
-    rows, _ = load_prompts(path)
+    rows, _ = load_prompts(path, categories=None)  # a category is a label to filter by here
     return [row["prompt"] for row in rows if category is None or row.get("category") == category]
 
 

@@ -79,7 +79,7 @@ def _document(row: dict) -> Document:
     has_answer = any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
     if has_answer or "completion" in row or "output" in row:
         return Document(messages=demonstration_from_row(row)["messages"])
-    return Document(messages=prompt_from_row(row)["prompt"], prompt_only=True)
+    return Document(messages=prompt_from_row(row, categories=None)["prompt"], prompt_only=True)
 
 
 def read_documents(sources: list[str]) -> list[Document]:

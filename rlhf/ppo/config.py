@@ -31,16 +31,26 @@ VALUE_RULES = {
             "learning_rate",
             "adam_eps",
             "max_grad_norm",
-            "target_kl",
             "kl_horizon",
             "cliprange",
             "cliprange_value",
-            "approx_kl_stop",
-            "reward_clip",
         ),
         POSITIVE,
     ),
-    **dict.fromkeys(("weight_decay", "kl_coef", "vf_coef", "entropy_coef", "ptx_coef"), NON_NEGATIVE),
+    # 0 switches these off, as None does: target_kl (fixed beta), approx_kl_stop, reward_clip.
+    **dict.fromkeys(
+        (
+            "weight_decay",
+            "kl_coef",
+            "vf_coef",
+            "entropy_coef",
+            "ptx_coef",
+            "target_kl",
+            "approx_kl_stop",
+            "reward_clip",
+        ),
+        NON_NEGATIVE,
+    ),
     "gamma": FRACTION,
     "lam": FRACTION,
     "ema_decay": (lambda x: 0 < x < 1, "in (0, 1)"),
@@ -187,6 +197,10 @@ class PPOStageConfig:
     )
 
     def __post_init__(self):
+        if isinstance(
+            self.resume_from_checkpoint, bool
+        ):  # YAML true/false: resume_from_checkpoint reads both
+            self.resume_from_checkpoint = "auto" if self.resume_from_checkpoint else None
         check_field_types(self)
         check_values(self, VALUE_RULES)
         if not self.policy_model:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlhf.distributed import gathered_for_generation, mean_over_ranks, sum_over_ranks
+from rlhf.distributed import gathered_for_generation, mean_over_ranks
 from rlhf.losses import (
     FixedKLController,
     compute_gae,
@@ -259,8 +259,7 @@ class PPORun:
         # The token mean over every rank's minibatch: DDP and DeepSpeed average the gradients over ranks, so each
         # rank divides its token sum by the tokens of all ranks over their number. Its own count would weight the
         # tokens of a rank with short answers above those of a rank with long ones.
-        local_tokens = float(batch.response_mask[minibatch].sum())
-        tokens = max(sum_over_ranks(local_tokens), 1.0) / accelerator.num_processes
+        tokens = mean_over_ranks(float(batch.response_mask[minibatch].sum())) or 1.0
         stats, losses = TokenWeightedMeans(), []
         # Grouped by answer length, so a micro-batch's forward (trimmed to its longest sequence) carries little
         # padding; the gradient is the same, the losses being normalised by the minibatch's token count.

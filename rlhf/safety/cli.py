@@ -7,11 +7,11 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rlhf.checkpoint import write_text_atomic
 from rlhf.cli import output_file
 from rlhf.config import ConfigError
 from rlhf.data import DataError
@@ -122,9 +122,7 @@ def cli(argv: list[str]) -> int:
             print(format_report(report))
     if args.out:
         try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            write_text_atomic(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         except OSError as exc:  # what `output_file` cannot foresee (a full disk, a read-only mount)
             print(f"error: --out {args.out}: {exc}", file=sys.stderr)
             return 1
