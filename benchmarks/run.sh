@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python benchmarks/compare_trl.py "$@"
+exec "${RLHF_VENV:-.venv}/bin/python" benchmarks/compare_trl.py "$@"

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/rlhf pipeline --config configs/demo/pipeline.yaml "$@"
+exec "${RLHF_VENV:-.venv}/bin/rlhf" pipeline --config configs/demo/pipeline.yaml "$@"

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from rlhf.safety import RulesClassifier, load_rubric
+from rlhf.safety.config import DEFAULT_RUBRIC
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "safety"
-RUBRIC = CONFIGS / "rubric.yaml"
+RUBRIC = DEFAULT_RUBRIC
 PROMPTS = ROOT / "data" / "safety" / "labelled_prompts.jsonl"
 COMPLETIONS = ROOT / "data" / "safety" / "labelled_completions.jsonl"
 HELDOUT_PROMPTS = ROOT / "data" / "safety" / "heldout_prompts.jsonl"

@@ -349,3 +349,14 @@ def test_model_backends_turn_a_hub_name_that_does_not_resolve_into_a_load_error(
     values = {"classifier": kind, "model_name_or_path": "nobody/no-such-model", "rubric_path": str(RUBRIC)}
     with pytest.raises(ModelLoadError, match="nobody/no-such-model: cannot load"):
         build_classifier(SafetyConfig.from_dict(values))
+
+
+def test_the_default_rubric_is_package_data():
+    """A non-editable install ships the rlhf package alone: the default rubric must live in it and be listed as
+    package data (it sat in configs/, outside any installed package)."""
+    import rlhf.safety
+    from rlhf.safety.config import DEFAULT_RUBRIC
+
+    assert DEFAULT_RUBRIC.is_file() and DEFAULT_RUBRIC.parent == Path(rlhf.safety.__file__).parent
+    pyproject = (Path(rlhf.safety.__file__).parents[2] / "pyproject.toml").read_text()
+    assert 'rlhf = ["safety/rubric.yaml"]' in pyproject

@@ -31,7 +31,7 @@ DEFAULT_REWARD_TABLE: dict[str, dict[str, float]] = {
     "sensitive": {"compliance": 1.0, "ideal_refusal": -1.0, "undesired_refusal": -1.0},
     "allowed": {"compliance": 1.0, "ideal_refusal": -1.0, "undesired_refusal": -1.0},
 }
-DEFAULT_RUBRIC = Path(__file__).resolve().parents[2] / "configs" / "safety" / "rubric.yaml"
+DEFAULT_RUBRIC = Path(__file__).with_name("rubric.yaml")  # package data: installed with the code
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

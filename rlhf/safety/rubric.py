@@ -1,6 +1,6 @@
 """The safety rubric: class descriptions, the judge's questions and the `rules` backend's regex rules.
 
-See the header of configs/safety/rubric.yaml for the format and the decision procedure.
+See the header of rlhf/safety/rubric.yaml for the format and the decision procedure.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _prompt_section(path: Path, node: Any) -> tuple[list[str], str, list[re.Patt
 
 
 def load_rubric(path: str | Path) -> Rubric:
-    """Parse and compile a rubric YAML (see configs/safety/rubric.yaml for the format).
+    """Parse and compile a rubric YAML (see rlhf/safety/rubric.yaml for the format).
 
     Any shape problem is a `ConfigError` naming the file and the key path, so `rlhf safety classify` and
     PPO's preflight stop with exit 2 before a model loads.

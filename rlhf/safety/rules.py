@@ -1,4 +1,4 @@
-"""The `rules` backend: the regex rubric of configs/safety/rubric.yaml, no model."""
+"""The `rules` backend: the regex rubric of rlhf/safety/rubric.yaml (or a config's own), no model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _normalise(text: str) -> str:
 
 
 class RulesClassifier(SafetyClassifier):
-    """Regex rubric: see the header of configs/safety/rubric.yaml for the decision procedure."""
+    """Regex rubric: see the header of rlhf/safety/rubric.yaml for the decision procedure."""
 
     name = "rules"
 
