@@ -111,6 +111,10 @@ def test_judge_arithmetic():
     assert judge("What is 19 minus 4?", "15.") == 1.0
     assert judge("Multiply 6 by 7.", "The answer is 42.") == 1.0
     assert judge("What is 6 times 7?", "I can't help with that.") == 0.0
+    # A negative result keeps its sign; a hyphen between numbers is no sign.
+    assert judge("What is 3 - 10?", "-7") == 1.0 and judge("What is 3 - 10?", "The answer is -7.") == 1.0
+    assert judge("What is 3 - 10?", "7") == 0.0
+    assert judge("What is 10 - 3?", "10-3=7") == 0.25
 
 
 def test_judge_format_rules():

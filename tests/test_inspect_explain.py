@@ -254,3 +254,25 @@ def test_explain_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["inspect", "explain", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and expected in err
+
+
+def test_the_held_out_excerpts_never_include_one_the_explanation_was_written_from():
+    """The random sample is shared by all units and may hold a unit's top excerpts (here "a" and "b")."""
+    ex = {name: Excerpt([name], [1.0]) for name in "abcdwxyz"}
+    top = [ex["a"], ex["b"], ex["c"], ex["d"]]  # explain from a, c; score on b, d
+    random_ = [ex["b"], ex["w"], ex["x"], ex["a"], ex["y"], ex["z"]]  # explain from b, w, x; score on a, y, z
+    (explain_top, explain_random), held_out = split_excerpts(top, random_)
+    explained = {e.tokens[0] for e in explain_top + explain_random}
+    assert explained == {"a", "c", "w", "x"}
+    assert [e.tokens[0] for e in held_out] == ["b", "d", "y", "z"]
+    assert not explained & {e.tokens[0] for e in held_out}
+
+
+def test_the_check_summary_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    from rlhf.inspect.logit_diff import summarise_checks
+
+    def report(fraction: float) -> dict:
+        check = {"top": {"fraction_removed": fraction}, "smallest": {"fraction_removed": 0.0}}
+        return {"check": {"total": check, "direct": check}}
+
+    assert summarise_checks([report(0.2), report(0.8)])["total"]["median_top_removed"] == pytest.approx(0.5)

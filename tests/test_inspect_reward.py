@@ -168,3 +168,22 @@ def test_attribution_scores_a_last_turn_pooled_encoder_as_the_model_does():
     assert scores["last_turn"] != pytest.approx(
         scores["mean"], abs=1e-3
     )  # pooling over everything would differ
+
+
+def test_the_top_token_count_looks_at_the_answers_own_tokens():
+    """The prompt's largest attribution (here 5.0) is not what the answer said: the answer's own top token (0.9)
+    is the marked one. The whole sequence's top token was counted."""
+    from rlhf.inspect.reward import summarise
+
+    row = {
+        "ig": [5.0, 0.1, 0.9, 0.0],
+        "in_prompt": [True, False, False, False],
+        "in_answer": [False, True, True, False],  # the last token: the template's end-of-turn, neither
+        "marked": [False, False, True, False],
+        "score": 1.0,
+        "baseline_score": 0.0,
+        "completeness_gap": 0.0,
+        "ig_loo_correlation": None,
+        "positive_share": {"marked": 0.15, "rest of answer": 0.02, "prompt": 0.83},
+    }
+    assert summarise([row])["top_token_marked"] == 1

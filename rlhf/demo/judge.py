@@ -169,7 +169,8 @@ def _score_fact(answer: str, rivals: tuple[str, ...], text: str) -> float:
 
 def _score_arithmetic(answer: int, text: str) -> float:
     """1 if the result is the first number; 0.25 if it only appears later ("17 + 25 = 42")."""
-    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    # A minus sign counts where it starts a number ("-7", "is -7"), not between two ("10-3").
+    numbers = [int(n) for n in re.findall(r"(?<!\w)-?\d+", text)]
     if numbers and numbers[0] == answer:
         return 1.0
     return 0.25 if answer in numbers else 0.0

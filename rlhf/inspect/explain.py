@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf.cli import at_least
 from rlhf.inspect import InspectError
 
 
@@ -73,7 +74,13 @@ def split_excerpts(
     top-activating excerpts drawn from the same range).
     """
     half = len(random) // 2
-    return (top[0::2], random[:half]), top[1::2] + random[half:]
+    explain_top, held_top = top[0::2], top[1::2]
+    # The random sample is shared by all units and may hold a unit's top excerpts: an excerpt on one side is kept
+    # off the other, so that the score is taken on excerpts the explanation was not written from.
+    on_explain_side, on_held_side = ({tuple(e.tokens) for e in side} for side in (explain_top, held_top))
+    explain_random = [e for e in random[:half] if tuple(e.tokens) not in on_held_side]
+    held_random = [e for e in random[half:] if tuple(e.tokens) not in on_explain_side]
+    return (explain_top, explain_random), held_top + held_random
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -361,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--top",
-        type=int,
+        type=at_least(0),
         default=0,
         help="Per layer, only the N units with the largest activation (0 = all).",
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -425,7 +426,7 @@ def summarise_checks(reports: list[dict]) -> dict:
         summary[ranking] = {
             "top_removes_half": sum(f >= 0.5 for f in top),
             "control_removes_half": sum(abs(f) >= 0.5 for f in control),
-            "median_top_removed": sorted(top)[len(top) // 2],
+            "median_top_removed": statistics.median(top),
             "max_abs_control_removed": max(abs(f) for f in control),
         }
     return summary

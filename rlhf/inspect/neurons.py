@@ -61,6 +61,11 @@ def unit_key(name: str) -> tuple[str, int]:
 # Text in
 
 
+# Activations are stored at half the size of float32: bfloat16, not float16, whose range (65504) an activation can
+# exceed.
+STORED = torch.bfloat16
+
+
 @dataclass
 class Document:
     """A data row: plain text, a conversation, or a prompt (rendered with the generation prompt)."""
@@ -195,7 +200,11 @@ class FamilyTop:
             batch, peak, index = (
                 torch.cat(p, 1) for p in ((self.acts, batch), (self.peak, peak), (self.index, index))
             )
-        keep = peak.topk(min(self.k, peak.shape[1]), dim=1).indices
+        # Equal peaks are common (excerpts share the chat template's opening), equal up to the rounding of the
+        # batch they ran in. Ranked at the precision the activations are stored in, with a stable sort that keeps
+        # the lowest excerpt index first among equals (kept ones precede the batch, in index order), the record is
+        # the same whatever the batch size; topk on the raw peaks broke such ties by the batch's rounding.
+        keep = peak.to(STORED).sort(dim=1, descending=True, stable=True).indices[:, : self.k]
         self.index, self.peak = index.gather(1, keep), peak.gather(1, keep)
         self.acts = batch.gather(1, keep[:, :, None].expand(-1, -1, width))
 
@@ -293,8 +302,8 @@ def record(
     tensors: dict[str, torch.Tensor] = {"random_index": torch.tensor(random_index, dtype=torch.int32)}
     for family, top in tops.items():
         tensors[f"{family}.top_index"] = top.index.to(torch.int32)
-        tensors[f"{family}.top_acts"] = top.acts.to(torch.float16)
-        tensors[f"{family}.random_acts"] = randoms[family].to(torch.float16)
+        tensors[f"{family}.top_acts"] = top.acts.to(STORED)
+        tensors[f"{family}.random_acts"] = randoms[family].to(STORED)
         tensors[f"{family}.max"] = top.peak[:, 0].float()
     meta = {"excerpts": len(excerpts), "top_k": top_k, "random": len(random_index), "excerpt_width": width}
     return Recording(tensors, token_strings(tokenizer, excerpts), meta)

@@ -50,14 +50,15 @@ def integrated_gradients(
     ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token attributions [seq] of the score: midpoint rule over `steps` points of the straight path."""
-    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
-    grad_sum = torch.zeros_like(embeds)
+    # The path in the model's dtype (a bf16 model takes bf16 inputs), the gradients summed in float32.
+    alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).to(embeds.dtype)
+    grad_sum = torch.zeros_like(embeds, dtype=torch.float32)
     for start in range(0, steps, batch):
         alpha = alphas[start : start + batch].view(-1, 1, 1)
         path = (baseline + alpha * (embeds - baseline)).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(_score(model, path, ids).sum(), path)
-        grad_sum += grad.sum(0)
-    return ((embeds - baseline) * grad_sum / steps).sum(-1)
+        grad_sum += grad.float().sum(0)
+    return ((embeds - baseline).float() * grad_sum / steps).sum(-1)
 
 
 @torch.no_grad()
@@ -240,9 +241,14 @@ def _explain(
     ids = encode_for_scoring(tokenizer, text)
     offsets = _offsets(tokenizer, text, ids)
     start = text.rfind(answer.strip())
-    in_answer = [start >= 0 and s >= start for s, _ in offsets]
-    marked = marked_tokens(offsets, text, start, pattern) if pattern and start >= 0 else [False] * len(ids)
     special = set(tokenizer.all_special_ids)
+    # The answer's own tokens: not the end-of-turn token the template closes it with (kept at the baseline, its
+    # attribution is 0 and would only dilute the answer's mean per token).
+    in_answer = [
+        start >= 0 and s >= start and i not in special for (s, _), i in zip(offsets, ids, strict=True)
+    ]
+    in_prompt = [start < 0 or s < start for s, _ in offsets]
+    marked = marked_tokens(offsets, text, start, pattern) if pattern and start >= 0 else [False] * len(ids)
     result = attribute_answer(model, ids, baseline, steps, keep=[i in special for i in ids])
     explained = {
         "prompt": prompt[-1]["content"],
@@ -250,6 +256,7 @@ def _explain(
         "category": row.get("category"),
         "tokens": tokenizer.convert_ids_to_tokens(ids),
         "in_answer": in_answer,
+        "in_prompt": in_prompt,
         "marked": marked,
         **result,
     }
@@ -301,8 +308,13 @@ def summarise(rows: list[dict]) -> dict:
         summary["marked_largest_where_present"] = sum(
             max(groups, key=lambda g: r["positive_share"][g] or 0.0) == "marked" for r in with_mark
         )
+        # The answer's own most positive token (the prompt's may be larger: it is not what the answer said).
+        tops = [
+            max((i for i, a in enumerate(r["in_answer"]) if a), key=r["ig"].__getitem__, default=None)
+            for r in rows
+        ]
         summary["top_token_marked"] = sum(
-            r["marked"][max(range(len(r["ig"])), key=r["ig"].__getitem__)] for r in rows
+            r["marked"][top] for r, top in zip(rows, tops, strict=True) if top is not None
         )
     return summary
 
@@ -318,7 +330,7 @@ def _group_mask(row: dict, group: str) -> list[bool]:
         return row["marked"]
     if group == "rest of answer":
         return [a and not m for a, m in zip(row["in_answer"], row["marked"], strict=True)]
-    return [not a for a in row["in_answer"]]
+    return row["in_prompt"]
 
 
 def _mean(values: list[float]) -> float | None:
