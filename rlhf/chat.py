@@ -51,7 +51,8 @@ def chat(
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        worker = Thread(target=model.generate, kwargs=options)
+        failed: list[BaseException] = []
+        worker = Thread(target=_generate, args=(model, options, failed))
         worker.start()
         print("model> ", end="", flush=True)
         reply = ""
@@ -60,7 +61,19 @@ def chat(
             print(piece, end="", flush=True)
         worker.join()
         print()
+        if failed:
+            raise failed[0]
         history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _generate(model, options: dict, failed: list[BaseException]) -> None:
+    """`model.generate` in the streaming thread. An error (out of memory, past the model's context) ends the
+    stream and is kept for the reader to raise; otherwise the reader would wait for the stream forever."""
+    try:
+        model.generate(**options)
+    except BaseException as err:
+        failed.append(err)
+        options["streamer"].end()
 
 
 def cli(argv: list[str] | None = None) -> int:

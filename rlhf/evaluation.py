@@ -156,6 +156,7 @@ def evaluate(
     from rlhf.rewards import RewardModelScorer, load_function
 
     settings = settings or EvalSettings()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # answers are generated, and scored, there
     rows, _ = load_prompts(prompts_path)  # validated before any model loads
     tokenizer = load_tokenizer(policy_path, padding_side="left")
     prompt_ids = [
@@ -166,10 +167,10 @@ def evaluate(
     judges = Judges(
         gold=gold_fn,
         safety=_safety(safety_config) if safety_config else None,
-        reward=RewardModelScorer(reward_path) if reward_path else None,
+        reward=RewardModelScorer(reward_path, device) if reward_path else None,
     )
     models = {"policy": policy_path, **({"reference": reference_path} if reference_path else {})}
-    loaded = {name: load_causal_lm(path, tokenizer) for name, path in models.items()}
+    loaded = {name: load_causal_lm(path, tokenizer).to(device) for name, path in models.items()}
     for model in loaded.values():
         disable_dropout(model)
     results: dict[str, Any] = {}

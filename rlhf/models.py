@@ -90,7 +90,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
 
 
 def _resize_for(model: nn.Module, tokenizer) -> None:
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[
+        0
+    ]  # under ZeRO-3 the local shape is empty; ds_shape is whole
+    if tokenizer is not None and len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -127,10 +131,14 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
         from peft import PeftConfig, PeftModel
 
         config = PeftConfig.from_pretrained(path)
-        if auto_class == "AutoModelForSequenceClassification" and config.task_type == "CAUSAL_LM":
-            # A policy saved as an adapter (SFT, merge_lora: false) starting a value or reward model: the adapter
-            # is merged into the backbone, which then trains whole under its new head, as a merged policy would.
-            config.task_type = None
+        if config.task_type == "CAUSAL_LM":
+            # A policy saved as an adapter (SFT, merge_lora: false) is the SFT model: merged, it is what PPO starts
+            # from (whole, or under a fresh LoRA: a second adapter over the same layers would take its place and
+            # leave the pre-SFT base), the frozen reference, the start of a value or reward model (under its new
+            # head), and what eval and inspect read.
+            config.task_type = (
+                None if auto_class == "AutoModelForSequenceClassification" else config.task_type
+            )
             return PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
     return model

@@ -168,6 +168,15 @@ class RewardStageConfig(ModelFields, RewardConfig):
             raise ConfigError(
                 "head_init: 'linear_probe' needs the whole model on each rank; not under ZeRO-3"
             )
+        if self.pooling != "model" and getattr(deepspeed, "zero_stage", None) == 3:
+            # Mean pooling copies the loaded encoder's weights into the pooled model, and under ZeRO-3 they are
+            # partitioned (empty on each rank) by then.
+            raise ConfigError(
+                f"pooling: {self.pooling!r} needs the whole model on each rank; not under ZeRO-3 yet"
+            )
+        if self.pooling != "model" and self.use_lora and not self.merge_lora:
+            # An adapter reloads onto its plain base, without the pooling: scores would be read at [CLS] instead.
+            raise ConfigError(f"pooling: {self.pooling!r} with use_lora needs merge_lora: true (the default)")
         if self.per_parameter_rates and own:
             # DeepSpeed would build these from its config and train every parameter at one rate.
             raise ConfigError(

@@ -68,3 +68,18 @@ def test_chat_with_a_missing_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert cli([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nowhere" in err and "Traceback" not in err
+
+
+def test_an_error_while_generating_ends_the_chat_instead_of_hanging(chatty_model_dir, monkeypatch):
+    """generate runs in a thread feeding the stream; an error there (out of memory, past the context) left the
+    reader waiting for the stream forever."""
+    import transformers
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", fail)
+    typed = iter(["What is 2 + 3?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cli([chatty_model_dir, "--temperature", "0", "--max-new-tokens", "8"])

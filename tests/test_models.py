@@ -141,6 +141,33 @@ def test_a_value_model_from_a_policy_saved_as_an_adapter_starts_from_the_merged_
     assert not torch.allclose(got, base)
 
 
+def test_a_policy_saved_as_an_adapter_is_the_merged_model_also_under_a_fresh_lora(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """PPO with use_lora on an SFT adapter: the second adapter replaced the first (PEFT only warned), so PPO
+    started from, and measured its KL against, the pre-SFT base."""
+    from rlhf.models import LoraSettings
+
+    sft = load_causal_lm(tiny_model_dir, tiny_tokenizer, lora=LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    sft.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = sft.merge_and_unload()(input_ids=ids).logits
+        base = load_causal_lm(tiny_model_dir, tiny_tokenizer)(input_ids=ids).logits
+        for lora in (None, LoraSettings(r=4, alpha=8)):
+            policy = load_causal_lm(str(tmp_path / "adapter"), tiny_tokenizer, lora=lora)
+            torch.testing.assert_close(policy(input_ids=ids).logits, expected)
+            if lora:  # the reference of a LoRA policy: its base with the (fresh) adapter off
+                with policy.disable_adapter():
+                    torch.testing.assert_close(policy(input_ids=ids).logits, expected)
+    assert not torch.allclose(expected, base)
+
+
 @pytest.mark.parametrize(
     "name,text,message",
     [
@@ -195,3 +222,19 @@ def test_a_directory_transformers_cannot_read_is_a_load_error_and_custom_tokeniz
     (custom / "tokenizer_config.json").write_text(json.dumps(settings))
     with pytest.raises(ModelLoadError, match="tokenizer_config.json has 'auto_map'"):
         load_tokenizer(str(custom))
+
+
+def test_a_zero3_partitioned_embedding_is_sized_by_its_whole_shape(
+    tiny_model_dir, tiny_tokenizer, monkeypatch
+):
+    """Under zero.Init a parameter's local shape is empty: read as 0 rows, every ZeRO-3 load resized (and could
+    shrink) the embeddings, so policy and reference softmaxed over different vocabularies."""
+    from rlhf.models import _resize_for
+
+    model = load_causal_lm(tiny_model_dir, tiny_tokenizer)
+    whole = model.get_input_embeddings().weight.shape
+    partitioned = torch.nn.Parameter(torch.empty(0, whole[1]))
+    partitioned.ds_shape = whole  # what DeepSpeed records for a partitioned parameter
+    model.get_input_embeddings().weight = partitioned
+    monkeypatch.setattr(type(model), "resize_token_embeddings", lambda *a, **k: pytest.fail("resized"))
+    _resize_for(model, tiny_tokenizer)

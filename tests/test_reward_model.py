@@ -977,3 +977,20 @@ def test_hh_configs_run_sft_then_the_reward_model_on_real_rows(tmp_path, tiny_mo
     metrics = main(reward)
     assert metrics["eval_pairs"] == 8 and metrics["data_report"]["train"]["rows"] == 32
     assert read_manifest(reward.output_dir, "reward")["metrics"]["data_report"]["eval"]["kept"] == 8
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            {"pooling": "mean", "use_lora": "true", "merge_lora": "false"},
+            "with use_lora needs merge_lora: true",
+        ),
+    ],
+)
+def test_a_pooling_the_saved_model_would_lose_is_a_config_error(tmp_path, overrides, message):
+    """A LoRA adapter reloads onto its plain base: a mean-pooled reward model would score at [CLS] after saving."""
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        reward_config(tmp_path, "unused", **overrides)

@@ -38,6 +38,7 @@ from rlhf.distributed import (
     frozen_loading,
     full_weights,
     mean_over_ranks,
+    zero_stage,
 )
 from rlhf.launch import warn_about_cpu_threads
 from rlhf.losses import AdaptiveKLController, FixedKLController
@@ -214,7 +215,12 @@ def build_run(config: PPOStageConfig) -> PPORun:
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if reference is not None:
+        # Under DeepSpeed mixed precision the engine holds the policy in bf16/fp16 and accelerate's autocast is off:
+        # the reference takes the engine's dtype, so that the first update's KL is 0.
+        engine_dtype = next(accelerator.unwrap_model(model).parameters()).dtype
         reference = reference.to(accelerator.device)
+        if zero_stage(accelerator) is not None and engine_dtype != next(reference.parameters()).dtype:
+            reference = reference.to(engine_dtype)
     kl_ctl = (
         AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         if config.target_kl
