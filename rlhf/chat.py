@@ -13,16 +13,13 @@ from threading import Thread
 def chat(
     path: str, max_new_tokens: int, temperature: float, system: str | None, trust_remote_code: bool
 ) -> None:
-    import torch
     from transformers import TextIteratorStreamer
 
     from rlhf.data import render_prompt
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_device
 
     tokenizer = load_tokenizer(path, trust_remote_code)
-    model = load_causal_lm(path, tokenizer, trust_remote_code=trust_remote_code).eval()
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = load_causal_lm(path, tokenizer, trust_remote_code=trust_remote_code).eval().to(resolve_device())
     history = [{"role": "system", "content": system}] if system else []
     print(f"chatting with {path} (/reset, /exit)")
     while True:

@@ -152,11 +152,11 @@ def evaluate(
     safety_config: str | None = None,
     settings: EvalSettings | None = None,
 ) -> dict[str, Any]:
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer, resolve_device
     from rlhf.rewards import RewardModelScorer, load_function
 
     settings = settings or EvalSettings()
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # answers are generated, and scored, there
+    device = resolve_device()  # answers are generated, and scored, there
     rows, _ = load_prompts(prompts_path)  # validated before any model loads
     tokenizer = load_tokenizer(policy_path, padding_side="left")
     prompt_ids = [

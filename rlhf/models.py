@@ -131,6 +131,11 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
         from peft import PeftConfig, PeftModel
 
         config = PeftConfig.from_pretrained(path)
+        if config.task_type == "CAUSAL_LM" and hasattr(next(model.parameters()), "ds_id"):
+            raise ModelLoadError(
+                f"{path}: a LoRA adapter cannot be merged into a base partitioned by ZeRO-3; save the SFT model "
+                "merged (merge_lora: true, the default), or load it without zero3_init_flag"
+            )
         if config.task_type == "CAUSAL_LM":
             # A policy saved as an adapter (SFT, merge_lora: false) is the SFT model: merged, it is what PPO starts
             # from (whole, or under a fresh LoRA: a second adapter over the same layers would take its place and
@@ -139,9 +144,35 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
             config.task_type = (
                 None if auto_class == "AutoModelForSequenceClassification" else config.task_type
             )
-            return PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+            merged = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+            return merged.requires_grad_(
+                True
+            )  # PEFT loads for inference, frozen; a stage freezes what it needs
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
     return model
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto': the GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def is_adapter(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def check_adapter_start(field_name: str, path: str, use_lora: bool, merge_lora: bool) -> None:
+    """A run starting from a LoRA adapter trains on the merged model; a fresh LoRA over it records the pre-SFT
+    base as its own, so saving that LoRA unmerged would hand on an adapter that reloads onto the wrong weights."""
+    from rlhf.config import ConfigError
+
+    if use_lora and not merge_lora and is_adapter(path):
+        raise ConfigError(
+            f"merge_lora: {field_name} {path} is a LoRA adapter; a LoRA trained on it must be saved merged "
+            "(merge_lora: true), or start from the SFT model saved merged"
+        )
 
 
 def load_causal_lm(

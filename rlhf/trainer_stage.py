@@ -31,7 +31,7 @@ from rlhf.config import POSITIVE, ConfigError, check_values, config_to_dict, dum
 from rlhf.data import Report, conversation_key, split_last_rows
 from rlhf.distributed import nonfinite_parameter
 from rlhf.launch import warn_about_cpu_threads
-from rlhf.models import DTYPES, LoraSettings
+from rlhf.models import DTYPES, LoraSettings, check_adapter_start
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class ModelFields:
             )
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path: required")
+        check_adapter_start("model_name_or_path", self.model_name_or_path, self.use_lora, self.merge_lora)
         if not self.train_data:
             raise ConfigError("train_data: at least one source is required")
         if self.overflow not in ("truncate", "drop"):

@@ -84,6 +84,22 @@ def test_the_recording_is_the_same_whatever_the_batch_size_when_peaks_tie():
         assert first == list(range(len(first))) and second == list(range(6, 6 + len(second)))
 
 
+def test_a_units_max_is_its_largest_activation_at_full_precision():
+    """Top excerpts are ranked at the stored (bfloat16) precision: the first kept may not hold the largest value
+    itself, but `.max` (by which units are ordered) must."""
+    torch.manual_seed(0)
+    model = tiny("llama")
+    rng = random.Random(1)
+    excerpts = [[rng.randrange(1, 60) for _ in range(6)] for _ in range(30)]
+    rec = record(model, DigitTokenizer(), excerpts, top_k=3, n_random=2, batch_size=7)
+    parts = locate(model)
+    with capture_inputs(unit_inputs(parts)) as captured, torch.no_grad():
+        model(torch.tensor(excerpts))
+    torch.testing.assert_close(
+        rec.tensors["mlp.0.max"], captured["mlp.0"].amax(dim=(0, 1)), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_recording_keeps_activations_beyond_the_float16_range():
     torch.manual_seed(0)
     model = tiny("llama")

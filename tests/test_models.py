@@ -162,6 +162,8 @@ def test_a_policy_saved_as_an_adapter_is_the_merged_model_also_under_a_fresh_lor
         for lora in (None, LoraSettings(r=4, alpha=8)):
             policy = load_causal_lm(str(tmp_path / "adapter"), tiny_tokenizer, lora=lora)
             torch.testing.assert_close(policy(input_ids=ids).logits, expected)
+            trainable = [p.requires_grad for n, p in policy.named_parameters() if not lora or "lora_" in n]
+            assert trainable and all(trainable)  # PEFT merges for inference, frozen: PPO trained nothing
             if lora:  # the reference of a LoRA policy: its base with the (fresh) adapter off
                 with policy.disable_adapter():
                     torch.testing.assert_close(policy(input_ids=ids).logits, expected)
@@ -236,5 +238,25 @@ def test_a_zero3_partitioned_embedding_is_sized_by_its_whole_shape(
     partitioned = torch.nn.Parameter(torch.empty(0, whole[1]))
     partitioned.ds_shape = whole  # what DeepSpeed records for a partitioned parameter
     model.get_input_embeddings().weight = partitioned
-    monkeypatch.setattr(type(model), "resize_token_embeddings", lambda *a, **k: pytest.fail("resized"))
+    resized = []
+    monkeypatch.setattr(type(model), "resize_token_embeddings", lambda self, n, *a, **k: resized.append(n))
     _resize_for(model, tiny_tokenizer)
+    assert resized == []
+    partitioned.ds_shape = torch.Size([len(tiny_tokenizer) - 3, whole[1]])  # a tokenizer with tokens added
+    _resize_for(model, tiny_tokenizer)
+    assert resized == [len(tiny_tokenizer)]
+
+
+def test_a_lora_trained_on_an_adapter_start_must_be_saved_merged(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """A fresh LoRA over a merged SFT adapter records the pre-SFT base as its own: saved unmerged, it would reload
+    onto the wrong weights."""
+    from rlhf.config import ConfigError
+    from rlhf.models import LoraSettings, check_adapter_start
+
+    load_causal_lm(tiny_model_dir, tiny_tokenizer, lora=LoraSettings(r=4, alpha=8)).save_pretrained(
+        tmp_path / "a"
+    )
+    with pytest.raises(ConfigError, match="is a LoRA adapter; a LoRA trained on it must be saved merged"):
+        check_adapter_start("policy_model", str(tmp_path / "a"), use_lora=True, merge_lora=False)
+    check_adapter_start("policy_model", str(tmp_path / "a"), use_lora=True, merge_lora=True)
+    check_adapter_start("policy_model", tiny_model_dir, use_lora=True, merge_lora=False)

@@ -483,16 +483,25 @@ def test_linear_probe_head_trains_through_the_stage_and_reports_the_probe(tmp_pa
     assert recorded["config"]["head_init"] == "linear_probe"
 
 
-def test_linear_probe_under_zero_3_exits_2_before_a_model_loads(tmp_path):
-    """ZeRO-3 partitions the weights as they load; the probe's forward pass before the Trainer needs them whole."""
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        # The probe's forward pass runs before the Trainer exists, on weights ZeRO-3 has partitioned as they loaded.
+        ("--head_init", "linear_probe"),
+        # Mean pooling copies the loaded encoder's weights into the pooled model (it crashed on the empty shards).
+        ("--pooling", "last_turn"),
+    ],
+)
+def test_what_needs_the_whole_encoder_under_zero_3_exits_2_before_a_model_loads(tmp_path, flag, value):
+    """A subprocess: the DeepSpeed launch state must not leak into the other tests."""
     ds = write_jsonl(tmp_path / "ds.json", [{"zero_optimization": {"stage": 3}}])
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)}
     pairs = write_jsonl(tmp_path / "pairs.jsonl", keyword_pairs(4, seed=0))
     args = ["reward", "--model_name_or_path", str(tmp_path / "no-model"), "--train_data", str(pairs),
             "--output_dir", str(tmp_path / "rm"), "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
-    result = run_cli(*args, "--head_init", "linear_probe", env=env)
+    result = run_cli(*args, flag, value, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "head_init: 'linear_probe' needs the whole model on each rank" in result.stderr
+    assert f"{flag[2:]}: '{value}' needs the whole model on each rank" in result.stderr
     assert not (tmp_path / "rm").exists()
 
 

@@ -188,6 +188,7 @@ class FamilyTop:
     index: torch.Tensor | None = None  # [U, k] excerpt indices
     peak: torch.Tensor | None = None  # [U, k] the excerpt's max activation
     acts: torch.Tensor | None = None  # [U, k, T]
+    max: torch.Tensor | None = None  # [U] the largest activation seen, at full precision
 
     def update(self, acts: torch.Tensor, lengths: torch.Tensor, first: int, width: int) -> None:
         """acts [B, T, U] of excerpts first..first+B-1; positions beyond each length do not count."""
@@ -196,6 +197,7 @@ class FamilyTop:
         valid = torch.arange(width)[None, :] < lengths[:, None]  # [B, T]
         peak = batch.masked_fill(~valid[None], float("-inf")).amax(-1)  # [U, B]
         index = torch.arange(first, first + acts.shape[0]).expand_as(peak)
+        self.max = peak.amax(1) if self.max is None else torch.maximum(self.max, peak.amax(1))
         if self.index is not None:
             batch, peak, index = (
                 torch.cat(p, 1) for p in ((self.acts, batch), (self.peak, peak), (self.index, index))
@@ -304,7 +306,7 @@ def record(
         tensors[f"{family}.top_index"] = top.index.to(torch.int32)
         tensors[f"{family}.top_acts"] = top.acts.to(STORED)
         tensors[f"{family}.random_acts"] = randoms[family].to(STORED)
-        tensors[f"{family}.max"] = top.peak[:, 0].float()
+        tensors[f"{family}.max"] = top.max.float()
     meta = {"excerpts": len(excerpts), "top_k": top_k, "random": len(random_index), "excerpt_width": width}
     return Recording(tensors, token_strings(tokenizer, excerpts), meta)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf.config import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_field_types, check_values, one_of
-from rlhf.models import DTYPES
+from rlhf.models import DTYPES, check_adapter_start
 from rlhf.rollout import check_sampling
 
 # Values the stage cannot run with, or would run wrongly with (a negative clip, a discount above 1...).
@@ -205,6 +205,7 @@ class PPOStageConfig:
         check_values(self, VALUE_RULES)
         if not self.policy_model:
             raise ConfigError("policy_model: required")
+        check_adapter_start("policy_model", self.policy_model, self.use_lora, self.merge_lora)
         if not self.train_data:
             raise ConfigError("train_data: at least one prompt source is required")
         if len(self.reward_weights) != len(self.reward_sources):

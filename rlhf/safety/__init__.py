@@ -21,8 +21,9 @@ backend (`rules`, `nli`, `embedding`, `llm_judge`), `labelled` (labelled data), 
 `safety_rates`, `build_classifier`) and `cli` (`rlhf safety classify`). The names below are the public API.
 """
 
+from rlhf.models import resolve_device
 from rlhf.rewards import RewardSourceError
-from rlhf.safety.classifier import SafetyClassifier, resolve_completion_class, resolve_device
+from rlhf.safety.classifier import SafetyClassifier, resolve_completion_class
 from rlhf.safety.cli import classification_report, cli, format_report
 from rlhf.safety.config import (
     CLASSIFIER_KINDS,

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from rlhf.rewards import RewardSourceError
 from rlhf.safety.config import HELP_CLASSES
@@ -21,12 +20,6 @@ def resolve_completion_class(label: str, prompt_class: str) -> str:
     if label in HELP_CLASSES:
         return "disallowed_content" if prompt_class == "disallowed" else "compliance"
     return label
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:

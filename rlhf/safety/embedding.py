@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from rlhf.models import ModelLoadError, check_model_dir, loading
+from rlhf.models import ModelLoadError, check_model_dir, loading, resolve_device
 from rlhf.rewards import RewardSourceError
-from rlhf.safety.classifier import SafetyClassifier, resolve_device
+from rlhf.safety.classifier import SafetyClassifier
 from rlhf.safety.config import EMBEDDING_RULES, HELP_CLASSES
 
 # L-BFGS stops when no gradient entry exceeds this: tight, so that a fit is the optimum of its objective

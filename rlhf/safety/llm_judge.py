@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.models import check_model_dir, loading
+from rlhf.models import check_model_dir, loading, resolve_device
 from rlhf.rewards import RewardSourceError
-from rlhf.safety.classifier import SafetyClassifier, resolve_device
+from rlhf.safety.classifier import SafetyClassifier
 from rlhf.safety.config import COMPLETION_CLASSES, PROMPT_CLASSES
 from rlhf.safety.rubric import Rubric
 

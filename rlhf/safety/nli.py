@@ -7,9 +7,9 @@ from collections.abc import Callable
 import numpy as np
 from transformers import pipeline
 
-from rlhf.models import check_model_dir, loading
+from rlhf.models import check_model_dir, loading, resolve_device
 from rlhf.rewards import RewardSourceError
-from rlhf.safety.classifier import SafetyClassifier, resolve_device
+from rlhf.safety.classifier import SafetyClassifier
 
 
 class NLIClassifier(SafetyClassifier):
