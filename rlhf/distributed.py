@@ -148,10 +148,15 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     return bad[0] if bad else "(a parameter shard on another rank)"
 
 
+def distributed() -> bool:
+    """Whether this process is one of several joined in a process group (torch may be built without one)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def sum_over_ranks(value: float) -> float:
     """The sum of `value` over all ranks (itself in one process); NaN or inf on any rank makes it non-finite.
     Every rank must call it (a collective)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed():
         return float(value)
     from accelerate import PartialState
 
@@ -163,7 +168,7 @@ def sum_over_ranks(value: float) -> float:
 def mean_over_ranks(value: float) -> float:
     """The mean of `value` over all ranks. A decision that changes what runs next (skip a step, stop an epoch,
     move beta) is taken on this, so that no rank runs a collective the others skip."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = torch.distributed.get_world_size() if distributed() else 1
     return sum_over_ranks(value) / world
 
 

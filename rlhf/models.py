@@ -18,6 +18,7 @@ from rlhf.checkpoint import read_json_object
 from rlhf.data import DEFAULT_CHAT_TEMPLATE, expand_sources, read_records
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT (LoRA) adapter
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
@@ -91,9 +92,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
 
 def _resize_for(model: nn.Module, tokenizer) -> None:
     weight = model.get_input_embeddings().weight
-    rows = getattr(weight, "ds_shape", weight.shape)[
-        0
-    ]  # under ZeRO-3 the local shape is empty; ds_shape is whole
+    # Under ZeRO-3 the local shape is empty; ds_shape is the whole one.
+    rows = getattr(weight, "ds_shape", weight.shape)[0]
     if tokenizer is not None and len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer is not None:
@@ -114,9 +114,10 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
         "use_safetensors": True,
         **kwargs,
     }
-    adapter_config = Path(path) / "adapter_config.json"
+    adapter = is_adapter(path)
+    adapter_config = Path(path) / ADAPTER_CONFIG
     base = path
-    if adapter_config.exists():
+    if adapter:
         base = read_json_object(adapter_config, ModelLoadError).get("base_model_name_or_path")
         if not isinstance(base, str) or not base:
             raise ModelLoadError(
@@ -127,29 +128,27 @@ def _from_pretrained(auto_class: str, path: str, tokenizer, dtype: str, trust_re
     with loading(base, "a model"):
         model = getattr(transformers, auto_class).from_pretrained(base, **options)
     _resize_for(model, tokenizer)
-    if adapter_config.exists():
-        from peft import PeftConfig, PeftModel
+    if not adapter:
+        return model
+    from peft import PeftConfig, PeftModel
 
-        config = PeftConfig.from_pretrained(path)
-        if config.task_type == "CAUSAL_LM" and hasattr(next(model.parameters()), "ds_id"):
-            raise ModelLoadError(
-                f"{path}: a LoRA adapter cannot be merged into a base partitioned by ZeRO-3; save the SFT model "
-                "merged (merge_lora: true, the default), or load it without zero3_init_flag"
-            )
-        if config.task_type == "CAUSAL_LM":
-            # A policy saved as an adapter (SFT, merge_lora: false) is the SFT model: merged, it is what PPO starts
-            # from (whole, or under a fresh LoRA: a second adapter over the same layers would take its place and
-            # leave the pre-SFT base), the frozen reference, the start of a value or reward model (under its new
-            # head), and what eval and inspect read.
-            config.task_type = (
-                None if auto_class == "AutoModelForSequenceClassification" else config.task_type
-            )
-            merged = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
-            return merged.requires_grad_(
-                True
-            )  # PEFT loads for inference, frozen; a stage freezes what it needs
-        model = PeftModel.from_pretrained(model, path, is_trainable=True)
-    return model
+    config = PeftConfig.from_pretrained(path)
+    if config.task_type != "CAUSAL_LM":
+        return PeftModel.from_pretrained(model, path, is_trainable=True)
+    # A policy saved as an adapter (SFT, merge_lora: false) is the SFT model: merged, it is what PPO starts from
+    # (whole, or under a fresh LoRA: a second adapter over the same layers would take its place and leave the
+    # pre-SFT base), the frozen reference, the start of a value or reward model (under its new head), and what
+    # eval and inspect read.
+    if hasattr(next(model.parameters()), "ds_id"):
+        raise ModelLoadError(
+            f"{path}: a LoRA adapter cannot be merged into a base partitioned by ZeRO-3; save the SFT model "
+            "merged (merge_lora: true, the default), or load it without zero3_init_flag"
+        )
+    if auto_class == "AutoModelForSequenceClassification":
+        config.task_type = None  # the causal-LM adapter onto a classifier's backbone
+    merged = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+    # PEFT loads for inference, frozen; each stage freezes what it needs (the reference) itself.
+    return merged.requires_grad_(True)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -159,8 +158,8 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def is_adapter(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def check_adapter_start(field_name: str, path: str, use_lora: bool, merge_lora: bool) -> None:

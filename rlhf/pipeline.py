@@ -128,23 +128,22 @@ def stage_config(stage: str, argv: list[str]):
 IGNORED_FOR_SKIP = {"resume_from_checkpoint", "disable_tqdm"}
 
 
-def finished_manifest(stage: str, output_dir: str, argv: list[str]) -> dict[str, Any] | None:
+def finished_manifest(stage: str, output_dir: str, stage_cfg: Any) -> dict[str, Any] | None:
     """The stage's manifest if it is complete, its files verify and its recorded config is the one we would run
     now; None when the stage must run."""
     try:
         manifest = read_manifest(output_dir, stage)
     except HandoffError:
         return None
-    differs = config_changes(stage, argv, manifest.get("config", {}))
+    differs = config_changes(stage_cfg, manifest.get("config", {}))
     if differs:
         log.warning("%s: config changed (%s): running again", stage, ", ".join(differs[:5]))
         return None
     return manifest
 
 
-def config_changes(stage: str, argv: list[str], recorded: dict[str, Any]) -> list[str]:
-    """The fields where the config this pipeline would run differs from a recorded one."""
-    config = stage_config(stage, argv)
+def config_changes(config: Any, recorded: dict[str, Any]) -> list[str]:
+    """The fields where the stage config this pipeline would run (`stage_config`) differs from a recorded one."""
     wanted = json.loads(json.dumps(config_to_dict(config)))
 
     def same(key: str) -> bool:
@@ -160,7 +159,7 @@ def config_changes(stage: str, argv: list[str], recorded: dict[str, Any]) -> lis
     return [k for k in wanted if k not in IGNORED_FOR_SKIP and not same(k)]
 
 
-def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | None) -> bool:
+def resumable(output_dir: str, stage_cfg: Any, upstream: tuple | None) -> bool:
     """Whether the output holds an interrupted run to continue: unfinished (no manifest), started (its config.yaml
     written) with the config we would run now, and after the output of the stage before it was made. Anything else
     starts afresh: resuming a finished or stale run's last checkpoint would hand back its old weights."""
@@ -171,7 +170,7 @@ def resumable(stage: str, output_dir: str, argv: list[str], upstream: tuple | No
         recorded = yaml.safe_load(started.read_text()) or {}
     except yaml.YAMLError:
         return False
-    if config_changes(stage, argv, recorded):
+    if config_changes(stage_cfg, recorded):
         return False
     if upstream is not None:
         _, upstream_manifest = upstream
@@ -210,10 +209,11 @@ def needs_tiny_model(config: PipelineConfig) -> bool:
     return config.init_tiny and not Path(config.base_model, "model.safetensors").exists()
 
 
-def check_inputs(config: PipelineConfig) -> None:
+def check_inputs(config: PipelineConfig) -> dict[str, Any]:
     """Everything the stages and the evaluation will read, read now, before the first stage runs: each stage's
     config with the pipeline's overrides, every data file, PPO's reward sources, the evaluation prompts, gold
-    judge and safety config. A bad one is exit 2 here, not after SFT and the reward model have trained."""
+    judge and safety config. A bad one is exit 2 here, not after SFT and the reward model have trained. Returns
+    the stage configs, by stage."""
     from rlhf import reward_model, sft
     from rlhf.data import load_prompts
     from rlhf.evaluation import EvalSettings
@@ -226,7 +226,8 @@ def check_inputs(config: PipelineConfig) -> None:
         missing = [c for c in config.tiny_corpus if not os.path.exists(c)]
         if missing:
             raise ConfigError(f"tiny_corpus: no such file or directory: {', '.join(missing)}")
-    sft_config, reward_config, ppo_config = (stage_config(s, stage_argv(config, s)) for s in STAGES)
+    configs = {s: stage_config(s, stage_argv(config, s)) for s in STAGES}
+    sft_config, reward_config, ppo_config = configs.values()
     sft.load_data(sft_config)
     reward_model.load_pairs(reward_config)
     reward_model.read_reference(reward_config)
@@ -239,6 +240,7 @@ def check_inputs(config: PipelineConfig) -> None:
         from rlhf.safety.reward import read_classifier_files
 
         read_classifier_files(SafetyConfig.from_yaml(config.safety_config))
+    return configs
 
 
 def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
@@ -263,7 +265,7 @@ def launch(config: PipelineConfig, module: str, argv: list[str]) -> None:
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
-    check_inputs(config)
+    stage_configs = check_inputs(config)  # parsed once: the skip and resume decisions compare against them
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, Any] = {}
@@ -276,7 +278,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
         argv = stage_argv(config, stage)
         output_dir = str(out / stage)
         start = time.time()
-        manifest = finished_manifest(stage, output_dir, argv)
+        manifest = finished_manifest(stage, output_dir, stage_configs[stage])
         if manifest is not None and upstream is not None and is_stale(manifest, *upstream):
             manifest = None
         if manifest is not None:
@@ -285,7 +287,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
             stages[stage] = {"wall_seconds": wall, "skipped": True}
             upstream = (stage, manifest)
             continue
-        resume = "auto" if resumable(stage, output_dir, argv, upstream) else "none"
+        resume = "auto" if resumable(output_dir, stage_configs[stage], upstream) else "none"
         if resume == "none":
             set_aside(stage, output_dir)
         upstream = (stage, None)

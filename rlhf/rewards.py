@@ -34,11 +34,20 @@ class RewardSourceError(RuntimeError):
 
 
 def reward_text(
-    tokenizer, prompt: list[dict], completion: list[dict], context_turns: int | None = None
+    tokenizer,
+    prompt: list[dict],
+    completion: list[dict],
+    context_turns: int | None = None,
+    finished: bool = True,
 ) -> str:
     """What the reward model reads: the rendered conversation, ending on the answer's end-of-turn token; with
-    `context_turns`, only the prompt's last that many user turns (and the replies between them)."""
-    return render_conversation(tokenizer, recent_turns(prompt, context_turns) + completion).rstrip()
+    `context_turns`, only the prompt's last that many user turns (and the replies between them). An answer cut
+    at the length limit (`finished` False, one assistant message) is read as sampled, without the end-of-turn
+    token the template would close it with, so that it does not pass for a finished one."""
+    context = recent_turns(prompt, context_turns)
+    if not finished:
+        return (render_prompt(tokenizer, context) + completion[0]["content"]).rstrip()
+    return render_conversation(tokenizer, context + completion).rstrip()
 
 
 def recent_turns(prompt: list[dict], turns: int | None) -> list[dict]:
@@ -175,19 +184,13 @@ class RewardModelScorer:
         completions: list[str],
         finished: Sequence[bool] | None = None,
     ) -> torch.Tensor:
-        """`finished[i]` False: the answer was cut at the length limit (no EOS). It is scored as sampled, without
-        the end-of-turn token the chat template would close it with, so the reward model does not read a
-        truncated answer as a finished one."""
+        """`finished[i]` False: the answer was cut at the length limit (no EOS); see `reward_text`."""
         finished = [True] * len(completions) if finished is None else finished
         texts = [
             reward_text(
-                self.tokenizer, prompt, [{"role": "assistant", "content": completion}], self.context_turns
+                self.tokenizer, prompt, [{"role": "assistant", "content": answer}], self.context_turns, done
             )
-            if done
-            else (
-                render_prompt(self.tokenizer, recent_turns(prompt, self.context_turns)) + completion
-            ).rstrip()
-            for prompt, completion, done in zip(prompt_messages, completions, finished, strict=True)
+            for prompt, answer, done in zip(prompt_messages, completions, finished, strict=True)
         ]
         ids = [scoring_ids(self.tokenizer, text, self.max_length) for text in texts]
         return score_ids(self.model, ids, self.tokenizer.pad_token_id, self.batch_size)

@@ -201,18 +201,13 @@ def _margin(row: dict[str, Any]) -> float | None:
 
 
 def _from_text_cells(row: dict[str, Any]) -> dict[str, Any]:
-    """A CSV row, whose cells are all text: an empty optional cell (`margin`, `category`) is a missing value, and
-    a margin is a number written out. Other cells stay as written: an empty answer cell is an empty answer."""
-    out = {
+    """A CSV row, whose cells are all text: an empty optional cell (`margin`, `category`) is a missing value (a
+    margin written out is read by `_margin`, as a JSON string one is). Other cells stay as written: an empty
+    answer cell is an empty answer."""
+    return {
         name: None if name in OPTIONAL_FIELDS and (cell is None or not cell.strip()) else cell
         for name, cell in row.items()
     }
-    if out.get("margin") is not None:
-        try:
-            out["margin"] = float(out["margin"])
-        except ValueError:
-            pass  # `_margin` reports the text as found
-    return out
 
 
 def preferences_from_row(row: dict[str, Any]) -> list[dict[str, Any]]:

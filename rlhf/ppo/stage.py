@@ -217,10 +217,9 @@ def build_run(config: PPOStageConfig) -> PPORun:
     if reference is not None:
         # Under DeepSpeed mixed precision the engine holds the policy in bf16/fp16 and accelerate's autocast is off:
         # the reference takes the engine's dtype, so that the first update's KL is 0.
-        engine_dtype = next(accelerator.unwrap_model(model).parameters()).dtype
-        reference = reference.to(accelerator.device)
-        if zero_stage(accelerator) is not None and engine_dtype != next(reference.parameters()).dtype:
-            reference = reference.to(engine_dtype)
+        deepspeed = zero_stage(accelerator) is not None
+        engine_dtype = next(accelerator.unwrap_model(model).parameters()).dtype if deepspeed else None
+        reference = reference.to(accelerator.device, dtype=engine_dtype)
     kl_ctl = (
         AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         if config.target_kl
